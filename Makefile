@@ -1,0 +1,49 @@
+# Set-up and checks. Two commands on a fresh machine: `make demo` and `make test`.
+# TORCH_SPEC picks the torch build: CI pins the CPU wheel (torch==2.13.0) so that no CUDA
+# packages are downloaded; users with GPUs keep the default.
+PYTHON ?= python3
+VENV ?= .venv
+TORCH_SPEC ?= torch>=2.6
+BIN := $(VENV)/bin
+
+.PHONY: demo test install install-test lint typecheck pytest clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+
+$(VENV)/.installed: pyproject.toml | $(BIN)/python
+	$(BIN)/pip install --quiet "$(TORCH_SPEC)"
+	$(BIN)/pip install --quiet -e .
+	touch $@
+
+$(VENV)/.installed-test: pyproject.toml | $(BIN)/python
+	$(BIN)/pip install --quiet "$(TORCH_SPEC)"
+	$(BIN)/pip install --quiet -e ".[test]"
+	touch $@ $(VENV)/.installed
+
+install: $(VENV)/.installed
+install-test: $(VENV)/.installed-test
+
+# The main job on the embedded defaults: a planner walk-through over budgets and published laws.
+demo: install
+	$(BIN)/scaleplan laws
+	$(BIN)/scaleplan plan --compute 1e19 1e20 1e21 1e22 1e23 1e24 --law epoch2024
+	$(BIN)/scaleplan plan --compute 5.76e23 --law hoffmann2022 hoffmann2022-approach1 hoffmann2022-approach2 kaplan2020
+	$(BIN)/scaleplan plan --gpu-hours 100000 --gpu h100 --mfu 0.4 --law epoch2024
+	$(BIN)/scaleplan plan --target-loss 2.0 --inference-tokens 2e12 --law hoffmann2022
+
+lint: install-test
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+typecheck: install-test
+	$(BIN)/mypy
+
+pytest: install-test
+	$(BIN)/pytest
+
+# lint, type check, then the tests (the notebooks are executed by tests/e2e/test_notebooks.py).
+test: lint typecheck pytest
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,1 @@
+"""Studies: hyperparameter sweeps and scaling ladders over the trainer, and the `scaleplan` CLI."""

@@ -1,0 +1,94 @@
+"""The `scaleplan` command line: one root, subcommands whose imports happen only when they run.
+
+Every user mistake ends as one line on stderr and exit status 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from collections.abc import Callable, Sequence
+from typing import NoReturn
+
+EXIT_USAGE = 2
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage mistake is one line naming the option, then exit status 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def number(text: str) -> float:
+    """A float option value, e.g. 1e21; argparse names the option when this fails."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{text}' is not a number") from None
+    return value
+
+
+def key_value(text: str) -> tuple[str, str]:
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"'{text}' is not of the form key=value")
+    return key, value
+
+
+# Subcommand name -> (module, one-line help). Each module has `add_arguments(parser)` and
+# `run(args) -> int`; it is imported only to build its own parser or to run.
+COMMANDS: dict[str, tuple[str, str]] = {
+    "plan": ("studies.commands.plan", "Compute-optimal model size, tokens and loss for a budget."),
+    "laws": ("studies.commands.laws", "List the published scaling laws."),
+    "fit": ("studies.commands.fit", "Fit a scaling law to your runs (CSV or Parquet)."),
+}
+
+
+def build_parser(argv: Sequence[str]) -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog="scaleplan",
+        description="How to spend a training budget: plan with scaling laws, sweep, train.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    # Only the chosen subcommand's module is imported: `scaleplan --help` stays fast.
+    chosen = next((arg for arg in argv if not arg.startswith("-")), None)
+    for name, (module, summary) in COMMANDS.items():
+        child = sub.add_parser(name, help=summary, description=summary)
+        if name == chosen:
+            importlib.import_module(module).add_arguments(child)
+    return parser
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    """Exception types that mean a user mistake, from the packages already imported."""
+    errors: list[type[BaseException]] = []
+    for module, name in (("planner.errors", "InputError"), ("trainer.errors", "ConfigError")):
+        if module in sys.modules:
+            errors.append(getattr(sys.modules[module], name))
+    return tuple(errors)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args_list = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser(args_list)
+    args = parser.parse_args(args_list)
+    if args.command is None:
+        parser.print_help()
+        return EXIT_USAGE
+    run: Callable[[argparse.Namespace], int] = importlib.import_module(
+        COMMANDS[args.command][0]
+    ).run
+    try:
+        return run(args)
+    except _user_errors() as err:
+        print(f"scaleplan {args.command}: error: {err}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print(f"scaleplan {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,290 @@
+"""`scaleplan fit`: fit a scaling law to a runs table and write the law file `plan` reads."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+from studies.cli import key_value, number
+from studies.commands import output
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("runs", help="runs table: CSV or Parquet with one row per training run")
+    parser.add_argument("--out", help="law file to write (JSON), read by `plan --law FILE`")
+    parser.add_argument(
+        "--approach",
+        choices=("parametric", "isoflop"),
+        default="parametric",
+        help="parametric: Approach 3 (default); isoflop: Approach 2",
+    )
+    parser.add_argument(
+        "--form",
+        choices=("chinchilla", "kaplan"),
+        default="chinchilla",
+        help="parametric form (default chinchilla: E + A/N^alpha + B/D^beta)",
+    )
+    parser.add_argument(
+        "--bootstrap",
+        type=int,
+        default=1000,
+        help="bootstrap resamples for intervals (default 1000; 0 for none)",
+    )
+    parser.add_argument(
+        "--level",
+        type=number,
+        default=0.95,
+        help="central level of the reported intervals (default 0.95)",
+    )
+    parser.add_argument("--seed", type=int, default=0, help="bootstrap seed (default 0)")
+    parser.add_argument(
+        "--delta",
+        type=number,
+        default=1e-3,
+        help="Huber delta on log residuals (default 1e-3, as Hoffmann et al.)",
+    )
+    parser.add_argument(
+        "--drop-highest-loss",
+        type=int,
+        default=0,
+        metavar="K",
+        help="leave out the K runs with the highest loss (outliers), e.g. 5 as"
+        " Besiroglu et al. 2024 did",
+    )
+    columns = parser.add_argument_group("columns")
+    columns.add_argument("--params-col", default="params", help="parameters N (default params)")
+    columns.add_argument("--tokens-col", default="tokens", help="tokens D (default tokens)")
+    columns.add_argument(
+        "--flops-col",
+        default="flops",
+        help="training FLOPs, used when there is no tokens column: D = C / 6N",
+    )
+    columns.add_argument("--loss-col", default="loss", help="final loss (default loss)")
+    columns.add_argument(
+        "--budget-col",
+        default="budget",
+        help="IsoFLOP budget of each run, if the table has one (default budget)",
+    )
+    columns.add_argument(
+        "--where",
+        type=key_value,
+        action="append",
+        default=[],
+        metavar="COLUMN=VALUE",
+        help="keep only rows where COLUMN equals VALUE",
+    )
+    parser.add_argument("--name", help="law name in the file (default: the --out file's stem)")
+    parser.add_argument("--plots", metavar="DIR", help="write PNG figures into DIR")
+    parser.add_argument("--json", action="store_true", help="print JSON instead of tables")
+
+
+def run(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from planner.errors import InputError
+    from planner.runs import Runs, load_runs
+
+    if args.bootstrap < 0:
+        raise InputError(f"--bootstrap: {args.bootstrap} must be 0 or more resamples")
+    if not 0 < args.level < 1:
+        raise InputError(f"--level: {args.level} must be between 0 and 1 (e.g. 0.95)")
+    if args.delta <= 0:
+        raise InputError(f"--delta: {args.delta} must be positive")
+    runs = load_runs(
+        args.runs,
+        params_col=args.params_col,
+        tokens_col=args.tokens_col,
+        loss_col=args.loss_col,
+        flops_col=args.flops_col,
+        budget_col=args.budget_col,
+        where=dict(args.where),
+    )
+    if args.drop_highest_loss:
+        if not 0 < args.drop_highest_loss < len(runs):
+            raise InputError(
+                f"--drop-highest-loss: {args.drop_highest_loss} must be between 1"
+                f" and {len(runs) - 1} for {len(runs)} runs"
+            )
+        keep = np.sort(np.argsort(runs.loss)[: len(runs) - args.drop_highest_loss])
+        runs = Runs(
+            runs.n_params[keep],
+            runs.n_tokens[keep],
+            runs.loss[keep],
+            None if runs.budget_flops is None else runs.budget_flops[keep],
+            runs.source,
+        )
+    name = args.name or (Path(args.out).stem if args.out else Path(args.runs).stem)
+    if args.approach == "isoflop":
+        return _isoflop(runs, name, args)
+    return _parametric(runs, name, args)
+
+
+def _finish(law: Any, summary: dict[str, Any], args: argparse.Namespace) -> None:
+    from planner.published import save_law
+
+    if args.out:
+        summary["law_file"] = str(save_law(law, args.out))
+    for warning in summary.get("warnings", []):
+        if not args.json:
+            output.warn(warning)
+    if args.json:
+        output.print_json(summary)
+    elif args.out:
+        print(
+            f"law written to {args.out}; use it with: scaleplan plan --law {args.out}"
+            " --compute 1e21"
+        )
+
+
+def _parametric(runs: Any, name: str, args: argparse.Namespace) -> int:
+    from planner.fit import fit_law
+    from planner.published import Law
+
+    result = fit_law(
+        runs.n_params,
+        runs.n_tokens,
+        runs.loss,
+        form=args.form,
+        delta=args.delta,
+        bootstrap=args.bootstrap,
+        interval_level=args.level,
+        seed=args.seed,
+    )
+    fit_info: dict[str, Any] = {
+        "approach": "parametric",
+        "method": "Huber on log residuals, L-BFGS multi-start (Hoffmann et al. 2022, App. D.2)",
+        "source": runs.source,
+        "n_points": result.n_points,
+        "objective": result.objective,
+        "converged": result.converged,
+        "residuals": result.residuals,
+        "delta": args.delta,
+        "n_starts": result.n_starts,
+        "seconds": result.seconds,
+        "warnings": result.warnings,
+    }
+    law = Law(
+        name=name,
+        form=args.form,
+        params=result.params,
+        citation=f"fitted by scaleplan to {runs.source}",
+        interval_level=args.level if result.bootstrap is not None else None,
+        intervals=result.intervals,
+        bootstrap=None if result.bootstrap is None else result.bootstrap.tolist(),
+        fit=fit_info,
+    )
+    summary = {
+        "form": result.form,
+        "params": result.params,
+        "intervals": {k: list(v) for k, v in result.intervals.items()},
+        "interval_level": args.level,
+        "n_points": result.n_points,
+        "objective": result.objective,
+        "converged": result.converged,
+        "residuals": result.residuals,
+        "seconds": result.seconds,
+        "warnings": result.warnings,
+    }
+    if not args.json:
+        rows = [
+            [key, f"{value:.6g}", _interval(result.intervals.get(key))]
+            for key, value in result.params.items()
+        ]
+        output.print_table(
+            f"{args.form} law, {result.n_points} runs",
+            ["parameter", "estimate", f"{args.level:.0%} bootstrap interval"],
+            rows,
+            caption=(
+                f"{runs.source}\n"
+                f"objective {result.objective:.6g} (summed Huber, delta {args.delta:g});"
+                f" log-residual RMSE {result.residuals.get('rmse_log', float('nan')):.4f};"
+                f" {result.n_starts} starts, {result.seconds:.1f} s"
+            ),
+        )
+    if args.plots:
+        summary["plots"] = _parametric_plots(runs, law, Path(args.plots))
+    _finish(law, summary, args)
+    return 0
+
+
+def _interval(bounds: tuple[float, float] | None) -> str:
+    return "-" if bounds is None else f"{bounds[0]:.4g} – {bounds[1]:.4g}"
+
+
+def _parametric_plots(runs: Any, law: Any, folder: Path) -> list[str]:
+    from planner import plots
+
+    compute = runs.compute_flops
+    paths = [
+        plots.isoflop_view(runs, law, folder / "isoflop_view.png"),
+        plots.frontier_plot(
+            law, folder / "frontier.png", (compute.min() / 10, compute.max() * 1e4), runs=runs
+        ),
+        plots.residuals_plot(runs, law, folder / "residuals.png"),
+    ]
+    if law.bootstrap:
+        paths.append(
+            plots.tokens_per_param_plot(law, float(compute.max()), folder / "tokens_per_param.png")
+        )
+    return [str(p) for p in paths]
+
+
+def _isoflop(runs: Any, name: str, args: argparse.Namespace) -> int:
+    from planner.isoflop import fit_isoflop
+
+    result = fit_isoflop(runs, bootstrap=args.bootstrap, interval_level=args.level, seed=args.seed)
+    law = result.to_law(name, runs.source)
+    summary: dict[str, Any] = {
+        "approach": "isoflop",
+        "n_exponent": result.n_exponent,
+        "n_exponent_interval": list(result.n_exponent_interval),
+        "n_coefficient": result.n_coefficient,
+        "d_exponent": result.d_exponent,
+        "d_exponent_interval": list(result.d_exponent_interval),
+        "d_coefficient": result.d_coefficient,
+        "interval_level": args.level,
+        "n_points": len(runs),
+        "budgets": [
+            {
+                "budget_flops": b.budget_flops,
+                "n_points": b.n_points,
+                "n_opt": b.n_opt,
+                "d_opt": b.d_opt,
+                "loss_at_opt": b.loss_at_opt,
+                "flagged": b.flagged,
+            }
+            for b in result.budgets
+        ],
+        "warnings": result.warnings,
+    }
+    if not args.json:
+        rows = [
+            [
+                output.sci(b.budget_flops),
+                str(b.n_points),
+                output.count(b.n_opt),
+                output.count(b.d_opt),
+                output.fixed(b.loss_at_opt),
+                b.flagged or "used",
+            ]
+            for b in result.budgets
+        ]
+        output.print_table(
+            f"IsoFLOP profiles of {runs.source}",
+            ["budget (FLOPs)", "runs", "N_opt", "D_opt", "loss at N_opt", "status"],
+            rows,
+            caption=(
+                f"N_opt ∝ C^{result.n_exponent:.3f} [{_interval(result.n_exponent_interval)}],"
+                f" D_opt ∝ C^{result.d_exponent:.3f} [{_interval(result.d_exponent_interval)}]"
+                f" ({args.level:.0%} bootstrap intervals)"
+            ),
+        )
+    if args.plots:
+        from planner import plots
+
+        summary["plots"] = [
+            str(plots.isoflop_profiles(runs, result, Path(args.plots) / "isoflop_profiles.png"))
+        ]
+    _finish(law, summary, args)
+    return 0

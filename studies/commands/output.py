@@ -1,0 +1,74 @@
+"""How commands print: rich tables for people, JSON for programs, numbers in readable units."""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+_SUFFIXES = ((1e12, "T"), (1e9, "B"), (1e6, "M"), (1e3, "k"))
+
+
+def count(value: float | None) -> str:
+    """A parameter or token count: 40.4B, 2.38T, 812M."""
+    if value is None or not math.isfinite(value):
+        return "-"
+    for scale, suffix in _SUFFIXES:
+        if abs(value) >= scale:
+            return f"{value / scale:.3g}{suffix}"
+    return f"{value:.3g}"
+
+
+def sci(value: float | None) -> str:
+    """FLOPs and other wide-ranging numbers: 5.76e+23."""
+    return "-" if value is None or not math.isfinite(value) else f"{value:.3g}"
+
+
+def fixed(value: float | None, digits: int = 3) -> str:
+    return "-" if value is None or not math.isfinite(value) else f"{value:.{digits}f}"
+
+
+def with_band(row: dict[str, Any], key: str, fmt: Any) -> str:
+    """'value [low – high]' when the row has a band for ``key``."""
+    text = fmt(row.get(key))
+    if row.get(f"{key}_low") is not None and row.get(f"{key}_high") is not None:
+        text += f" [{fmt(row[f'{key}_low'])}–{fmt(row[f'{key}_high'])}]"
+    return text
+
+
+def print_json(payload: Any) -> None:
+    json.dump(payload, sys.stdout, indent=2, allow_nan=False, default=_jsonable)
+    sys.stdout.write("\n")
+
+
+def _jsonable(value: Any) -> Any:
+    if hasattr(value, "tolist"):
+        return value.tolist()
+    raise TypeError(f"{type(value).__name__} is not JSON serialisable")
+
+
+def print_table(
+    title: str | None, columns: Sequence[str], rows: Sequence[Sequence[str]], caption: str = ""
+) -> None:
+    from rich.console import Console
+    from rich.table import Table
+    from rich.text import Text
+
+    # Text, not markup: bands like "[2.5B–3.1B]" must print as they are.
+    table = Table(
+        title=Text(title) if title else None,
+        caption=Text(caption) if caption else None,
+        title_justify="left",
+        caption_justify="left",
+    )
+    for i, column in enumerate(columns):
+        table.add_column(column, justify="left" if i == 0 else "right")
+    for row in rows:
+        table.add_row(*(Text(cell) for cell in row))
+    Console(width=max(Console().width, 120)).print(table)
+
+
+def warn(message: str) -> None:
+    print(f"warning: {message}", file=sys.stderr)

@@ -1,0 +1,239 @@
+"""`scaleplan plan`: compute-optimal N, D and loss for budgets, or inference-aware sizing."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from studies.cli import number
+from studies.commands import output
+
+DEFAULT_LAW = "epoch2024"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    budget = parser.add_argument_group("budget (one of)")
+    budget.add_argument(
+        "--compute",
+        type=number,
+        nargs="+",
+        metavar="FLOPS",
+        help="training compute in FLOPs, one or more (e.g. 1e21 1e22)",
+    )
+    budget.add_argument(
+        "--gpu-hours",
+        type=number,
+        nargs="+",
+        metavar="H",
+        help="GPU-hours, converted to FLOPs with --gpu and --mfu",
+    )
+    budget.add_argument(
+        "--target-loss",
+        type=number,
+        metavar="L",
+        help="with --inference-tokens: the cheapest model over its lifetime",
+    )
+    parser.add_argument("--gpu", default="h100", help="accelerator for --gpu-hours (default h100)")
+    parser.add_argument(
+        "--mfu",
+        type=number,
+        default=0.4,
+        help="model FLOPs utilisation for --gpu-hours (default 0.4)",
+    )
+    parser.add_argument(
+        "--inference-tokens",
+        type=number,
+        metavar="T",
+        help="tokens the model will serve; costs 2 N T FLOPs (Sardana et al. 2024)",
+    )
+    parser.add_argument(
+        "--law",
+        nargs="+",
+        default=[DEFAULT_LAW],
+        metavar="NAME|FILE",
+        help=f"published law(s) or law file(s) (default {DEFAULT_LAW}; see `scaleplan laws`)",
+    )
+    parser.add_argument(
+        "--level",
+        type=number,
+        default=0.8,
+        help="central interval for bands from bootstrap samples (default 0.8)",
+    )
+    parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
+
+
+def run(args: argparse.Namespace) -> int:
+    from planner.errors import InputError
+    from planner.published import load_law
+
+    given = [
+        flag
+        for flag, value in (
+            ("--compute", args.compute),
+            ("--gpu-hours", args.gpu_hours),
+            ("--target-loss", args.target_loss),
+        )
+        if value is not None
+    ]
+    if len(given) != 1:
+        raise InputError(
+            f"give exactly one of --compute, --gpu-hours or --target-loss (got {len(given)}:"
+            f" {', '.join(given) or 'none'})"
+        )
+    if not 0 < args.level < 1:
+        raise InputError(f"--level: {args.level} must be between 0 and 1 (e.g. 0.8)")
+    laws = [load_law(name) for name in args.law]
+    if args.target_loss is not None:
+        return _lifetime(laws, args)
+    if args.compute is not None and args.inference_tokens is not None:
+        return _lifetime_budget(laws, args)
+    if args.inference_tokens is not None:
+        raise InputError("--inference-tokens goes with --compute or --target-loss")
+    return _frontier(laws, args)
+
+
+def _frontier(laws: list[Any], args: argparse.Namespace) -> int:
+    from planner.allocate import compute_optimal
+    from planner.hardware import gpu_hours_to_flops
+
+    compute = args.compute
+    if args.gpu_hours is not None:
+        compute = gpu_hours_to_flops(args.gpu_hours, args.gpu, args.mfu)
+    rows = []
+    for law in laws:
+        law_rows = compute_optimal(law, compute, level=args.level)
+        if args.gpu_hours is not None:
+            for row, hours in zip(law_rows, args.gpu_hours, strict=True):
+                row.update(gpu_hours=hours, gpu=args.gpu, mfu=args.mfu)
+        rows.extend(law_rows)
+    if args.json:
+        output.print_json(rows)
+        return 0
+    for law in laws:
+        columns = [
+            "compute (FLOPs)",
+            "params N",
+            "tokens D",
+            "tokens/param",
+            "loss",
+            "peak LR",
+            "batch (tokens)",
+        ]
+        if args.gpu_hours is not None:
+            columns.insert(1, f"{args.gpu} GPU-hours")
+        table = []
+        for row in (r for r in rows if r["law"] == law.name):
+            cells = [
+                output.sci(row["compute_flops"]),
+                output.with_band(row, "n_params", output.count),
+                output.with_band(row, "n_tokens", output.count),
+                output.with_band(row, "tokens_per_param", lambda v: output.fixed(v, 1)),
+                output.with_band(row, "loss", output.fixed),
+                f"{row['learning_rate']:.2e}",
+                output.count(row["batch_tokens"]),
+            ]
+            if args.gpu_hours is not None:
+                cells.insert(1, output.count(row["gpu_hours"]))
+            table.append(cells)
+        output.print_table(
+            f"{law.name}: compute-optimal allocation",
+            columns,
+            table,
+            caption=_caption(law, args.level),
+        )
+    return 0
+
+
+def _caption(law: Any, level: float) -> str:
+    lines = [law.citation, f"N counts {law.n_counts} parameters."]
+    if law.form != "allocation":
+        lines[-1] += f" Loss in {law.loss_units}."
+    if law.bootstrap:
+        lines.append(f"[low–high]: central {level:.0%} over {len(law.bootstrap)} bootstrap fits.")
+    lines.append("Peak LR and batch: DeepSeek LLM power laws (arXiv:2401.02954, eq. 1).")
+    return "\n".join(lines)
+
+
+def _lifetime(laws: list[Any], args: argparse.Namespace) -> int:
+    from planner.allocate import inference_optimal
+    from planner.errors import InputError
+
+    if args.inference_tokens is None:
+        raise InputError("--target-loss needs --inference-tokens T (the tokens the model serves)")
+    results = [inference_optimal(law, args.target_loss, args.inference_tokens) for law in laws]
+    if args.json:
+        output.print_json(results if len(results) > 1 else results[0])
+        return 0
+    for result in results:
+        base = result["chinchilla_optimal"]
+        rows = [
+            [
+                name,
+                output.count(r["n_params"]),
+                output.count(r["n_tokens"]),
+                output.fixed(r["tokens_per_param"], 1),
+                output.sci(r["train_flops"]),
+                output.sci(r["inference_flops"]),
+                output.sci(r["total_flops"]),
+            ]
+            for name, r in (("inference-aware", result), ("Chinchilla-optimal", base))
+        ]
+        output.print_table(
+            f"{result['law']}: loss {result['target_loss']:.4g} serving"
+            f" {output.count(result['inference_tokens'])} tokens",
+            [
+                "model",
+                "params N",
+                "tokens D",
+                "tokens/param",
+                "train FLOPs",
+                "inference FLOPs",
+                "total FLOPs",
+            ],
+            rows,
+            caption=f"Lifetime FLOPs saved: {result['total_flops_saving']:.1%}"
+            " (Sardana et al. 2024, Beyond Chinchilla-Optimal, arXiv:2401.00448).",
+        )
+    return 0
+
+
+def _lifetime_budget(laws: list[Any], args: argparse.Namespace) -> int:
+    from planner.allocate import inference_budget_optimal
+
+    results = [
+        inference_budget_optimal(law, c, args.inference_tokens)
+        for law in laws
+        for c in args.compute
+    ]
+    if args.json:
+        output.print_json(results)
+        return 0
+    rows = [
+        [
+            r["law"],
+            output.sci(r["compute_flops"]),
+            output.count(r["n_params"]),
+            output.count(r["n_tokens"]),
+            output.fixed(r["tokens_per_param"], 1),
+            output.sci(r["train_flops"]),
+            output.sci(r["inference_flops"]),
+            output.fixed(r["loss"]),
+        ]
+        for r in results
+    ]
+    output.print_table(
+        f"Lowest loss when training and serving {output.count(args.inference_tokens)} tokens"
+        " fit the budget",
+        [
+            "law",
+            "total FLOPs",
+            "params N",
+            "tokens D",
+            "tokens/param",
+            "train FLOPs",
+            "inference FLOPs",
+            "loss",
+        ],
+        rows,
+    )
+    return 0
