@@ -73,7 +73,9 @@ class IsoflopResult:
         )
 
 
-def group_budgets(runs: Runs, gap_decades: float = 0.1, max_span_decades: float = 0.25) -> np.ndarray:
+def group_budgets(
+    runs: Runs, gap_decades: float = 0.1, max_span_decades: float = 0.25
+) -> np.ndarray:
     """The budget of each run: the table's budget column, else clusters of 6ND in log space.
 
     Runs whose compute differs by less than ``gap_decades`` join one cluster. When the runs'
