@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 from collections.abc import Callable, Sequence
 from typing import NoReturn
@@ -43,6 +44,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "plan": ("studies.commands.plan", "Compute-optimal model size, tokens and loss for a budget."),
     "laws": ("studies.commands.laws", "List the published scaling laws."),
     "fit": ("studies.commands.fit", "Fit a scaling law to your runs (CSV or Parquet)."),
+    "diagnose": ("studies.commands.diagnose", "Name the training pathologies in a run folder."),
+    "train": ("studies.commands.train", "Train one model from a YAML config (--set to override)."),
 }
 
 
@@ -88,6 +91,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"scaleplan {args.command}: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        # The reader went away (e.g. `| head`): stop quietly, as Unix tools do.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
 
 
 if __name__ == "__main__":

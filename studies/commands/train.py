@@ -1,0 +1,144 @@
+"""`scaleplan train`: train one model from a YAML config, with a live progress bar.
+
+Exit status: 0 when the run ends (all steps, early stopping, or a callback's stop); 1 when it
+stopped on a non-finite loss or gradient (the reason goes to stderr); 2 for a user mistake
+(bad config field, missing data, fp16 without a GPU, unreadable checkpoint, nothing to resume).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from typing import TYPE_CHECKING, Any
+
+from studies.commands import output
+
+if TYPE_CHECKING:
+    from rich.progress import Progress, TaskID
+
+    from trainer.loop import RunResult, StepInfo
+
+EXIT_NONFINITE = 1
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("config", metavar="CONFIG.yaml", help="training config (YAML)")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="extend",
+        nargs="+",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a field by its dotted path, value in YAML (e.g. optimizer.lr=3e-4 "
+        "model.n_layer=4); repeatable",
+    )
+    parser.add_argument(
+        "--out", metavar="DIR", help="run folder (default runs/train/<run name or timestamp>)"
+    )
+    parser.add_argument(
+        "--resume", action="store_true", help="continue from the newest checkpoint in --out"
+    )
+    parser.add_argument(
+        "--json", action="store_true", help="print the result as JSON, without a progress bar"
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    from pydantic import ValidationError
+
+    from trainer.config import config_error, load_config
+    from trainer.errors import ConfigError
+    from trainer.loop import train
+
+    if args.resume and args.out is None:
+        raise ConfigError("--resume needs --out DIR: the folder of the run to continue")
+    try:
+        config = load_config(args.config, args.overrides)
+    except ValidationError as exc:  # a sub-config validated outside load_config's net
+        raise config_error(exc) from None
+    if args.json:
+        result = train(config, out_dir=args.out, resume=args.resume)
+        output.print_json(_finite(result.to_dict()))
+    else:
+        with _ProgressBar(config.steps) as bar:
+            result = train(config, [bar.update], out_dir=args.out, resume=args.resume)
+        _print_summary(result)
+    if result.stopped_reason == "nonfinite":
+        print(f"scaleplan train: {result.stop_message}", file=sys.stderr)
+        return EXIT_NONFINITE
+    return 0
+
+
+class _ProgressBar:
+    """A rich progress bar on stderr: step, loss, val loss, tokens/s, ETA."""
+
+    def __init__(self, steps: int) -> None:
+        from rich.console import Console
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeRemainingColumn,
+        )
+
+        self.progress: Progress = Progress(
+            TextColumn("train"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("loss {task.fields[loss]}"),
+            TextColumn("val {task.fields[val]}"),
+            TextColumn("{task.fields[speed]} tok/s"),
+            TimeRemainingColumn(),
+            console=Console(stderr=True),
+        )
+        self.task: TaskID = self.progress.add_task(
+            "train", total=steps, loss="-", val="-", speed="-"
+        )
+
+    def __enter__(self) -> _ProgressBar:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.progress.live.is_started:
+            self.progress.stop()
+
+    def update(self, info: StepInfo) -> None:
+        # started by the first record, so a config error never leaves an empty bar behind
+        if not self.progress.live.is_started:
+            self.progress.start()
+        fields: dict[str, Any] = {"loss": output.fixed(info.train_loss)}
+        if info.val_loss is not None:
+            fields["val"] = output.fixed(info.val_loss)
+        if "tokens_per_s" in info.metrics:
+            fields["speed"] = output.count(info.metrics["tokens_per_s"])
+        self.progress.update(self.task, completed=info.step, **fields)
+
+
+def _print_summary(result: RunResult) -> None:
+    val = f"val loss {output.fixed(result.final_val_loss)}"
+    val += f" (best {output.fixed(result.best_val_loss)})"
+    if result.final_val_accuracy is not None:
+        val += f", val accuracy {result.final_val_accuracy:.3f}"
+    lines = [
+        f"steps {result.steps}, tokens {output.count(result.tokens)}, "
+        f"{output.sci(result.flops)} FLOPs, {result.wall_seconds:.1f} s",
+        val,
+    ]
+    if result.stopped_reason not in (None, "nonfinite"):
+        lines.append(f"stopped: {result.stopped_reason}")
+    lines.append(f"run folder: {result.out_dir}")
+    print("\n".join(lines))
+
+
+def _finite(value: Any) -> Any:
+    """JSON has no NaN or infinity: null instead."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {key: _finite(v) for key, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_finite(v) for v in value]
+    return value

@@ -1,0 +1,979 @@
+"""`StudyConfig`: a sweep's study file, validated, loaded from YAML with ``--set`` overrides.
+
+A study file names a base trainer config and the inline overrides applied to it, a search space
+whose keys are dotted trainer config keys, the stages (sampler, trials, budget, pruner, how a
+stage's space is narrowed from the one before), the objective, the backend and where results go::
+
+    name: quickstart
+    base: gpt-tiny.yaml                 # trainer YAML, relative to this file's folder
+    overrides: {eval_every: 25, schedule.warmup_steps: null}
+    space:
+      optimizer.lr: {low: 1.0e-4, high: 3.0e-2, log: true}
+      optimizer.betas.1: {low: 0.9, high: 0.999}         # element 1 of the betas tuple
+      optimizer.name: {type: categorical, choices: [adamw, momentum]}
+      optimizer.momentum: {low: 0.8, high: 0.99, condition: {optimizer.name: momentum}}
+    stages:
+      - {name: coarse, sampler: sobol, trials: 16, budget: {steps: 150}, pruner: asha}
+      - name: fine
+        sampler: tpe
+        trials: 8
+        budget: {tokens: 800000}
+        narrow: {top_k: 4, widen: 2.0}
+    objective: val_loss
+
+Addressing: a key is a dotted path into `TrainConfig` (``optimizer.lr``); a numeric last segment
+is an element of a tuple or list field (``optimizer.betas.1`` is beta2; the base config must set
+the whole tuple). Dots, not brackets, so the key is also a valid MLflow parameter name.
+
+Conditions: ``condition: {optimizer.name: momentum}`` makes a parameter active only when that
+categorical parameter takes that value (or one of a list of values); an inactive parameter is not
+sampled and the trial keeps the base config's value.
+
+Every mistake, pydantic's included, becomes one `StudyError` line naming the field.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import math
+import os
+import re
+import types
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Any, Literal, Union, get_args, get_origin
+
+import yaml
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    ValidationError,
+    model_validator,
+)
+
+from studies.errors import StudyError
+
+if TYPE_CHECKING:
+    from trainer.config import TrainConfig
+
+__all__ = [
+    "BudgetSpec",
+    "Limits",
+    "NarrowSpec",
+    "ObjectiveSpec",
+    "ParamSpec",
+    "PrunerSpec",
+    "StageSpec",
+    "StudyConfig",
+    "budget_steps",
+    "check_trainer_keys",
+    "condition_order",
+    "load_study",
+    "space_limits",
+    "tokens_per_step",
+    "trainer_keys",
+    "trial_config",
+]
+
+Choice = str | int | float | bool | None
+ParamType = Literal["float", "int", "categorical"]
+SamplerName = Literal["sobol", "random", "tpe", "gp", "cmaes"]
+PrunerName = Literal["asha", "hyperband", "median", "none"]
+MetricName = Literal["val_loss", "best_val_loss", "val_accuracy"]
+Direction = Literal["minimize", "maximize"]
+# metric -> the direction that improves it
+METRIC_DIRECTIONS: dict[str, Direction] = {
+    "val_loss": "minimize",
+    "best_val_loss": "minimize",
+    "val_accuracy": "maximize",
+}
+NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]*$"
+DEFAULT_TRACKING_URI = "sqlite:///runs/mlflow.db"
+# schemes SQLAlchemy (hence Optuna's RDBStorage) speaks; a value without a scheme is a journal file
+RDB_SCHEMES = ("sqlite", "postgresql", "mysql", "oracle", "mssql")
+# what Ray Tune's storage_path accepts through pyarrow; a value without a scheme is a folder
+RAY_STORAGE_SCHEMES = ("file", "s3", "gs", "gcs", "hdfs", "abfs", "abfss", "az")
+TRACKING_SCHEMES = ("http", "https", "file", "databricks", "databricks-uc", *RDB_SCHEMES)
+_EXPONENT_NUMBER = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)[eE][+-]?\d+$")
+
+
+# ---------------------------------------------------------------------------------------------
+# The specs
+
+
+class ParamSpec(BaseModel):
+    """One searched trainer config key: a float or int range (optionally log), or choices."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    type: ParamType = Field(
+        default="float",
+        description="float, int or categorical; left out: categorical when choices are given, "
+        "else float.",
+    )
+    low: int | float | None = Field(default=None, description="Smallest value (float, int).")
+    high: int | float | None = Field(
+        default=None, description="Largest value, inclusive (float, int); above low."
+    )
+    log: bool = Field(
+        default=False, description="Sample uniformly in log space (float, int); needs low > 0."
+    )
+    choices: list[Choice] | None = Field(
+        default=None, description="The values to choose from (categorical); distinct scalars."
+    )
+    condition: dict[str, list[Choice]] | None = Field(
+        default=None,
+        description="Active only when each named categorical parameter takes this value (or "
+        "one of a list); an inactive parameter is not sampled and keeps the base value.",
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _infer_type_and_lists(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data
+        data = dict(data)
+        if "type" not in data and data.get("choices") is not None:
+            data["type"] = "categorical"
+        condition = data.get("condition")
+        if isinstance(condition, dict):
+            data["condition"] = {
+                key: value if isinstance(value, list) else [value]
+                for key, value in condition.items()
+            }
+        return data
+
+    @model_validator(mode="after")
+    def _check_range(self) -> ParamSpec:
+        # Messages start with the field's name: the error formatter prefixes the parameter's path.
+        if self.type == "categorical":
+            for field in ("low", "high"):
+                if getattr(self, field) is not None:
+                    raise ValueError(f"{field}: not used by a categorical parameter (use choices)")
+            if self.log:
+                raise ValueError("log: not used by a categorical parameter")
+            if not self.choices:
+                raise ValueError("choices: missing or empty; a categorical parameter needs some")
+            if len({json.dumps(c) for c in self.choices}) < len(self.choices):
+                raise ValueError(
+                    f"choices: {self.choices} has duplicates; expected distinct values"
+                )
+        else:
+            if self.choices is not None:
+                raise ValueError(f"choices: only for type categorical, not {self.type}")
+            for field in ("low", "high"):
+                value = getattr(self, field)
+                if value is None:
+                    raise ValueError(
+                        f"{field}: missing; a {self.type} parameter needs low and high"
+                    )
+                if isinstance(value, bool) or not math.isfinite(value):
+                    raise ValueError(f"{field}: {value!r} is not a finite number")
+                if self.type == "int":
+                    if float(value) != int(value):
+                        raise ValueError(f"{field}: {value} is not an integer (type int)")
+                    setattr(self, field, int(value))
+                else:
+                    setattr(self, field, float(value))
+            assert self.low is not None and self.high is not None
+            if self.low >= self.high:
+                kind = "empty" if self.low == self.high else "inverted"
+                raise ValueError(
+                    f"high: {self.high} is not above low {self.low} (an {kind} range); "
+                    "expected low < high"
+                )
+            if self.log and self.low <= 0:
+                raise ValueError(f"low: {self.low} with log: true; a log-scale range needs low > 0")
+        if self.condition is not None and not self.condition:
+            raise ValueError("condition: empty; expected {parameter: value}")
+        return self
+
+    @property
+    def bounds(self) -> tuple[float, float]:
+        """(low, high) of a float or int parameter."""
+        if self.low is None or self.high is None:
+            raise TypeError("a categorical parameter has no bounds")
+        return self.low, self.high
+
+    def is_active(self, params: Mapping[str, Any]) -> bool:
+        """Whether the condition holds for the parameters chosen so far."""
+        if not self.condition:
+            return True
+        return all(
+            name in params and params[name] in values for name, values in self.condition.items()
+        )
+
+    def contains(self, value: Any) -> bool:
+        """Whether `value` lies in this parameter's range (or is one of its choices)."""
+        if self.type == "categorical":
+            return value in (self.choices or [])
+        low, high = self.bounds
+        if self.type == "int" and (isinstance(value, bool) or float(value) != int(value)):
+            return False
+        return low <= value <= high
+
+    def describe(self) -> str:
+        """A short human form: ``[0.0001, 0.03] log`` or ``{adamw, sgd}``."""
+        if self.type == "categorical":
+            return "{" + ", ".join(str(c) for c in self.choices or []) + "}"
+        low, high = self.bounds
+        return f"[{low:.4g}, {high:.4g}]" + (" log" if self.log else "")
+
+
+class BudgetSpec(BaseModel):
+    """How long each trial of a stage trains: optimiser steps, or tokens converted to steps."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    steps: int | None = Field(default=None, ge=1, description="Optimiser steps per trial.")
+    tokens: int | None = Field(
+        default=None,
+        ge=1,
+        description="Tokens per trial (examples for classifiers); steps = tokens // tokens per "
+        "step (batch_size x block_size x grad_accum_steps).",
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _shorthand(cls, data: Any) -> Any:
+        return {"steps": data} if isinstance(data, int) and not isinstance(data, bool) else data
+
+    @model_validator(mode="after")
+    def _one_of(self) -> BudgetSpec:
+        if (self.steps is None) == (self.tokens is None):
+            raise ValueError("steps: set exactly one of steps and tokens")
+        return self
+
+
+class PrunerSpec(BaseModel):
+    """Early stopping of unpromising trials on their intermediate validation metric."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: PrunerName = Field(
+        default="none",
+        description="asha: asynchronous successive halving; hyperband; median: stop below the "
+        "median of earlier trials at the same step; none.",
+    )
+    min_resource: int | None = Field(
+        default=None,
+        ge=1,
+        description="Steps a trial always gets before it can be stopped (asha, hyperband: the "
+        "first rung; median: warm-up steps); None: the pruner's default.",
+    )
+    reduction_factor: int = Field(
+        default=3, ge=2, description="asha, hyperband: 1/this of the trials go on at each rung."
+    )
+    startup_trials: int = Field(
+        default=5, ge=0, description="median: trials that finish before any is stopped."
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _shorthand(cls, data: Any) -> Any:
+        return {"name": data} if isinstance(data, str) else data
+
+
+class NarrowSpec(BaseModel):
+    """How a stage's space is derived from the best trials of the stage before it."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    top_k: int = Field(default=5, ge=1, description="Best earlier trials the new range spans.")
+    quantiles: tuple[float, float] = Field(
+        default=(0.0, 1.0),
+        description="Quantiles of the top-k values (log space for log parameters) that become "
+        "the new low and high; [0, 1] spans them all.",
+    )
+    widen: float = Field(
+        default=2.0,
+        ge=1.0,
+        description="When the best sits at an edge of the old range, the new range is this many "
+        "times wider, the extra past that edge (1: no widening).",
+    )
+    edge_margin: float = Field(
+        default=0.05,
+        ge=0.0,
+        lt=0.5,
+        description="'At an edge' means within this fraction of the old range's width.",
+    )
+    min_width: float = Field(
+        default=0.1,
+        gt=0.0,
+        le=1.0,
+        description="Narrowest new range, as a fraction of the old width, when the top-k agree.",
+    )
+    warm_start: bool = Field(
+        default=True,
+        description="Enqueue the top-k (those inside the new space) as the stage's first trials.",
+    )
+
+    @model_validator(mode="after")
+    def _check_quantiles(self) -> NarrowSpec:
+        low, high = self.quantiles
+        if not 0.0 <= low < high <= 1.0:
+            raise ValueError(f"quantiles: {list(self.quantiles)}; expected 0 <= low < high <= 1")
+        return self
+
+
+class StageSpec(BaseModel):
+    """One stage of a sweep: a sampler, a number of trials, a per-trial budget, a pruner."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(pattern=NAME_PATTERN, description="Stage name (letters, digits, . _ -).")
+    sampler: SamplerName = Field(
+        description="sobol or random (coarse: space-filling); tpe, gp or cmaes (fine: model-based)."
+    )
+    trials: int = Field(ge=1, description="Trials in this stage (pruned ones included).")
+    budget: BudgetSpec = Field(description="Per-trial budget: {steps: N} or {tokens: N}.")
+    pruner: PrunerSpec = Field(
+        default_factory=PrunerSpec, description="Pruner: a name, or a mapping with its knobs."
+    )
+    narrow: NarrowSpec | None = Field(
+        default=None,
+        description="Derive this stage's space from the previous stage's best trials; None: "
+        "the previous stage's space unchanged. Not allowed on the first stage.",
+    )
+
+
+class ObjectiveSpec(BaseModel):
+    """What a trial is scored by."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    metric: MetricName = Field(
+        default="val_loss",
+        description="val_loss: validation loss at the end of the budget; best_val_loss: the "
+        "lowest seen; val_accuracy: at the end (classifiers).",
+    )
+    direction: Direction | None = Field(
+        default=None, description="minimize or maximize; None: the metric's own direction."
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _shorthand(cls, data: Any) -> Any:
+        return {"metric": data} if isinstance(data, str) else data
+
+    @model_validator(mode="after")
+    def _direction(self) -> ObjectiveSpec:
+        expected = METRIC_DIRECTIONS[self.metric]
+        if self.direction is None:
+            self.direction = expected
+        elif self.direction != expected:
+            raise ValueError(
+                f"direction: {self.metric} is improved by {expected}, not by "
+                f"{self.direction}; leave direction out"
+            )
+        return self
+
+
+class StudyConfig(BaseModel):
+    """A coarse-to-fine sweep over a trainer config."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(
+        pattern=NAME_PATTERN,
+        description="Study name: its folder runs/<name>/ and its Optuna study / Tune experiment; "
+        "default: the study file's name.",
+    )
+    base: Path = Field(
+        description="Trainer YAML the trials start from (relative: to the study file's folder)."
+    )
+    overrides: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Dotted trainer keys -> values applied to the base (e.g. eval_every: 25).",
+    )
+    space: dict[str, ParamSpec] = Field(
+        min_length=1, description="Dotted trainer key -> its range or choices."
+    )
+    stages: list[StageSpec] = Field(min_length=1, description="Stages, run in order.")
+    objective: ObjectiveSpec = Field(
+        default_factory=ObjectiveSpec, description="The metric trials are scored by."
+    )
+    backend: Literal["optuna", "ray"] = Field(
+        default="optuna", description="optuna: local or RDB storage; ray: Ray Tune."
+    )
+    storage: str | None = Field(
+        default=None,
+        description="optuna: a journal file path or an RDB URL (sqlite:///, postgresql://, "
+        "mysql://); ray: a folder or s3:// / gs:// URI. None: under runs/<name>/.",
+    )
+    tracking_uri: str | None = Field(
+        default=None,
+        description="MLflow tracking URI; None: $MLFLOW_TRACKING_URI, else "
+        f"{DEFAULT_TRACKING_URI}.",
+    )
+    workers: int = Field(
+        default=1, ge=1, description="Trials run at once (optuna: processes; ray: concurrent)."
+    )
+    seed: int = Field(default=0, description="Seeds the samplers (stage i uses seed + i).")
+
+    _base_raw: dict[str, Any] | None = PrivateAttr(default=None)
+
+    @model_validator(mode="after")
+    def _check_study(self) -> StudyConfig:
+        names = [stage.name for stage in self.stages]
+        for i, name in enumerate(names):
+            if name in names[:i]:
+                raise StudyError(f"stages.{i}.name: '{name}' is used twice; names must differ")
+        if self.stages[0].narrow is not None:
+            raise StudyError(
+                f"stages.0.narrow: stage '{names[0]}' is the first; there is no earlier stage "
+                "to narrow from"
+            )
+        _check_conditions(self.space)
+        condition_order(self.space)
+        _check_location("storage", self.storage, _storage_schemes(self.backend))
+        _check_location("tracking_uri", self.tracking_uri, TRACKING_SCHEMES)
+        return self
+
+    def base_raw(self) -> dict[str, Any]:
+        """The base trainer YAML as a plain dict (read once, kept with the study)."""
+        if self._base_raw is None:
+            self._base_raw = _read_yaml(self.base, "base")
+        return self._base_raw
+
+    def resolved_storage(self, runs_dir: str | Path = "runs") -> str:
+        """`storage`, or the default: runs/<name>/optuna.journal (optuna), runs/<name>/ray (ray)."""
+        if self.storage is not None:
+            return self.storage
+        leaf = "optuna.journal" if self.backend == "optuna" else "ray"
+        return str((Path(runs_dir) / self.name / leaf).absolute())
+
+    def resolved_tracking_uri(self) -> str:
+        """`tracking_uri`, else $MLFLOW_TRACKING_URI, else sqlite:///runs/mlflow.db."""
+        return self.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
+
+
+def _check_conditions(space: Mapping[str, ParamSpec]) -> None:
+    for name, spec in space.items():
+        for target, values in (spec.condition or {}).items():
+            field = f"space.{name}.condition"
+            if target == name:
+                raise StudyError(f"{field}: '{name}' cannot depend on itself")
+            if target not in space:
+                raise StudyError(
+                    f"{field}: '{target}' is not a parameter of the space; "
+                    f"conditions name one of: {', '.join(space)}"
+                )
+            target_spec = space[target]
+            if target_spec.type != "categorical":
+                raise StudyError(
+                    f"{field}: '{target}' is a {target_spec.type} parameter; a condition must "
+                    "name a categorical one"
+                )
+            for value in values:
+                if value not in (target_spec.choices or []):
+                    raise StudyError(
+                        f"{field}: {value!r} is not a choice of '{target}'; choices: "
+                        f"{', '.join(str(c) for c in target_spec.choices or [])}"
+                    )
+
+
+def condition_order(space: Mapping[str, ParamSpec]) -> list[str]:
+    """Parameter names, each after the parameters its condition names (else in file order)."""
+    order: list[str] = []
+    visiting: set[str] = set()
+
+    def visit(name: str) -> None:
+        if name in order:
+            return
+        if name in visiting:
+            raise StudyError(f"space.{name}.condition: conditions form a cycle through '{name}'")
+        visiting.add(name)
+        for target in space[name].condition or {}:
+            if target in space:
+                visit(target)
+        visiting.discard(name)
+        order.append(name)
+
+    for name in space:
+        visit(name)
+    return order
+
+
+def _storage_schemes(backend: str) -> tuple[str, ...]:
+    return RDB_SCHEMES if backend == "optuna" else RAY_STORAGE_SCHEMES
+
+
+def _check_location(field: str, value: str | None, schemes: tuple[str, ...]) -> None:
+    """A URL's scheme must be one we know; a value without '://' is a local path."""
+    if value is None:
+        return
+    if not value.strip():
+        raise StudyError(f"{field}: empty; leave it out for the default")
+    scheme, sep, _ = value.partition("://")
+    if not sep:
+        return
+    if scheme.split("+")[0].lower() not in schemes:
+        raise StudyError(
+            f"{field}: '{value}' has scheme '{scheme}', not one of: "
+            f"{', '.join(schemes)} (or a local path)"
+        )
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading
+
+
+def load_study(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> StudyConfig:
+    """Read a study file, apply ``--set`` overrides, validate it and its trainer keys.
+
+    Overrides address the study file: ``stages.coarse.trials=8`` (a stage by name or index),
+    ``space.optimizer.lr.high=1e-2``, ``space.optimizer.lr=null`` (drops the parameter),
+    ``overrides.model.n_layer=4``, ``backend=ray``. Values are YAML.
+    """
+    path = Path(path)
+    raw = _read_yaml(path, "study")
+    raw = _normalise(raw)
+    for item in overrides:
+        _apply_study_override(raw, item)
+    raw.setdefault("name", path.stem)
+    base = raw.get("base")
+    if base is None or (isinstance(base, str) and not base.strip()):
+        raise StudyError("base: missing; expected the trainer YAML's path (relative to the study)")
+    if isinstance(base, str):
+        raw["base"] = str((path.parent / base).absolute()) if not Path(base).is_absolute() else base
+    try:
+        study = StudyConfig.model_validate(raw)
+    except ValidationError as exc:
+        raise _study_error(exc) from None
+    check_trainer_keys(study)
+    return study
+
+
+def _read_yaml(path: Path, field: str) -> dict[str, Any]:
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise StudyError(f"{field}: '{path}' does not exist; expected a YAML file") from None
+    except OSError as error:
+        raise StudyError(f"{field}: '{path}' cannot be read ({error.strerror})") from None
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(error, "problem", None) or "invalid YAML"
+        raise StudyError(f"{field}: '{path}' is not valid YAML{where}: {problem}") from None
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise StudyError(f"{field}: '{path}' holds a {type(raw).__name__}; expected a mapping")
+    return _numbers(raw)
+
+
+def _numbers(tree: Any) -> Any:
+    """YAML 1.1 reads 1e-4 (no dot) as a string: make such strings floats, everywhere."""
+    if isinstance(tree, dict):
+        return {key: _numbers(value) for key, value in tree.items()}
+    if isinstance(tree, list):
+        return [_numbers(value) for value in tree]
+    if isinstance(tree, str) and _EXPONENT_NUMBER.match(tree):
+        return float(tree)
+    return tree
+
+
+def _normalise(raw: dict[str, Any]) -> dict[str, Any]:
+    """Expand shorthands (``pruner: asha``, ``budget: 200``, ``objective: val_loss``) so that
+    ``--set`` can reach their fields."""
+    if isinstance(raw.get("objective"), str):
+        raw["objective"] = {"metric": raw["objective"]}
+    for stage in raw.get("stages") or []:
+        if not isinstance(stage, dict):
+            continue
+        if isinstance(stage.get("pruner"), str):
+            stage["pruner"] = {"name": stage["pruner"]}
+        budget = stage.get("budget")
+        if isinstance(budget, int) and not isinstance(budget, bool):
+            stage["budget"] = {"steps": budget}
+    return raw
+
+
+def _parse_value(key: str, text: str) -> Any:
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError:
+        raise StudyError(f"--set {key}: '{text}' is not a valid YAML value") from None
+    return _numbers(value)
+
+
+def _apply_study_override(raw: dict[str, Any], item: str) -> None:
+    key, sep, text = item.partition("=")
+    key = key.strip()
+    if not sep or not key:
+        raise StudyError(f"--set: '{item}' is not of the form dotted.key=value")
+    value = _parse_value(key, text)
+    head, *rest = key.split(".")
+    if head in ("space", "overrides") and not rest:
+        raw[head] = value
+    elif head == "space":
+        _set_space(raw, key, rest, value)
+    elif head == "overrides":
+        overrides = raw.setdefault("overrides", {})
+        if not isinstance(overrides, dict):
+            raise StudyError(f"--set {key}: 'overrides' is not a mapping in the study file")
+        overrides[".".join(rest)] = value
+    elif head == "stages" and rest:
+        stages = raw.get("stages")
+        if not isinstance(stages, list):
+            raise StudyError(f"--set {key}: the study file has no list of stages")
+        names = [stage.get("name") if isinstance(stage, dict) else None for stage in stages]
+        if rest[0].isdigit():
+            index = int(rest[0])
+        else:
+            index = names.index(rest[0]) if rest[0] in names else -1
+        if not 0 <= index < len(stages):
+            known = ", ".join(str(n) for n in names)
+            raise StudyError(f"--set {key}: no stage '{rest[0]}'; stages: {known} (or an index)")
+        if len(rest) == 1:
+            stages[index] = value
+        else:
+            _set_nested(stages[index], rest[1:], value, key)
+    else:
+        _set_nested(raw, [head, *rest], value, key)
+    _normalise(raw)
+
+
+def _set_space(raw: dict[str, Any], key: str, rest: list[str], value: Any) -> None:
+    space = raw.setdefault("space", {})
+    if not isinstance(space, dict):
+        raise StudyError(f"--set {key}: 'space' is not a mapping in the study file")
+    whole = ".".join(rest)
+    param, field = ".".join(rest[:-1]), rest[-1]
+    if param in space and field in ParamSpec.model_fields:
+        if not isinstance(space[param], dict):
+            space[param] = {}
+        space[param][field] = value
+    elif whole in space or isinstance(value, dict) or value is None:
+        if value is None:
+            space.pop(whole, None)  # `space.KEY=null` drops the parameter
+        else:
+            space[whole] = value
+    elif param in space:
+        allowed = ", ".join(ParamSpec.model_fields)
+        raise StudyError(f"--set {key}: '{field}' is not a parameter field; allowed: {allowed}")
+    else:
+        raise StudyError(
+            f"--set {key}: no parameter '{param or whole}' in space; parameters: {', '.join(space)}"
+        )
+
+
+def _set_nested(node: Any, parts: list[str], value: Any, key: str) -> None:
+    for part in parts[:-1]:
+        if not isinstance(node, dict):
+            raise StudyError(f"--set {key}: '{part}' is inside a value that is not a mapping")
+        if not isinstance(node.get(part), dict):
+            node[part] = {}
+        node = node[part]
+    if not isinstance(node, dict):
+        raise StudyError(f"--set {key}: '{parts[-1]}' is inside a value that is not a mapping")
+    node[parts[-1]] = value
+
+
+# ---------------------------------------------------------------------------------------------
+# pydantic's errors as one line
+
+
+def _study_error(exc: ValidationError) -> StudyError:
+    """pydantic's first error as one line: ``field.path: message (got VALUE)``."""
+    error = exc.errors()[0]
+    loc = [str(part) for part in error["loc"]]
+    field = ".".join(loc) or "study"
+    kind, value, ctx = error["type"], error.get("input"), error.get("ctx", {})
+    if kind == "value_error":
+        cause = ctx.get("error")
+        if isinstance(cause, StudyError):
+            return StudyError(str(cause))
+        message = str(cause or error["msg"])
+        # sub-model checks start with their own field's name: join it to the path
+        return StudyError(f"{field}.{message}" if loc else message)
+    if kind == "extra_forbidden":
+        owner = _model_at(loc[:-1])
+        allowed = f"; allowed: {', '.join(owner.model_fields)}" if owner else ""
+        return StudyError(f"{field}: unknown field{allowed}")
+    if kind == "literal_error":
+        allowed = str(ctx.get("expected", "")).replace("'", "").replace(" or ", ", ")
+        return StudyError(f"{field}: {_short(value)} is not one of: {allowed}")
+    if kind == "missing":
+        return StudyError(f"{field}: missing; required")
+    message = error["msg"]
+    return StudyError(f"{field}: {message[0].lower()}{message[1:]} (got {_short(value)})")
+
+
+def _model_at(loc: list[str]) -> type[BaseModel] | None:
+    """The model a pydantic error location points into (dict keys and list indices skipped)."""
+    model: type[BaseModel] = StudyConfig
+    annotation: Any = None
+    for part in loc:
+        if annotation is not None and get_origin(annotation) in (dict, list):
+            annotation = get_args(annotation)[-1]  # a key or an index: step into the values
+        else:
+            if part not in model.model_fields:
+                return None
+            annotation = model.model_fields[part].annotation
+        inner = _unwrap_optional(annotation)
+        if isinstance(inner, type) and issubclass(inner, BaseModel):
+            model, annotation = inner, None
+    return model if annotation is None else None
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+# ---------------------------------------------------------------------------------------------
+# The trainer side: which keys exist, their hard limits, building a trial's TrainConfig
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Hard bounds of a trainer field (from its pydantic constraints); None: unbounded."""
+
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False  # True: low itself is not allowed (gt), else ge
+    high_open: bool = False
+
+
+def _unwrap_optional(annotation: Any) -> Any:
+    if get_origin(annotation) in (Union, types.UnionType):
+        args = [a for a in get_args(annotation) if a is not type(None)]
+        if len(args) == 1:
+            return args[0]
+    return annotation
+
+
+def _model_kind(raw: Mapping[str, Any]) -> str:
+    model = raw.get("model")
+    return str(model.get("kind", "gpt")) if isinstance(model, dict) else "gpt"
+
+
+def _field_tree(kind: str) -> dict[str, tuple[Any, list[Any]]]:
+    """Every dotted trainer key -> (its annotation, its constraint metadata); tuple elements
+    appear as ``key.0``, ``key.1``; a list field's elements as ``key.*``."""
+    from trainer.config import MODEL_KINDS, TrainConfig
+
+    tree: dict[str, tuple[Any, list[Any]]] = {}
+
+    def walk(model: type[BaseModel], prefix: str) -> None:
+        for name, info in model.model_fields.items():
+            key = f"{prefix}{name}"
+            annotation = _unwrap_optional(info.annotation)
+            tree[key] = (annotation, list(info.metadata))
+            if name == "model" and model is TrainConfig:
+                walk(MODEL_KINDS.get(kind, MODEL_KINDS["gpt"]), key + ".")
+            elif isinstance(annotation, type) and issubclass(annotation, BaseModel):
+                walk(annotation, key + ".")
+            elif get_origin(annotation) in (tuple, list):
+                args = get_args(annotation)
+                if get_origin(annotation) is tuple and Ellipsis not in args:
+                    items = [(str(i), arg) for i, arg in enumerate(args)]
+                else:
+                    items = [("*", args[0] if args else Any)]
+                for index, arg in items:
+                    metadata: list[Any] = []
+                    if get_origin(arg) is Annotated:
+                        for extra in get_args(arg)[1:]:
+                            metadata.extend(getattr(extra, "metadata", [extra]))
+                        arg = get_args(arg)[0]
+                    tree[f"{key}.{index}"] = (arg, metadata)
+
+    walk(TrainConfig, "")
+    return tree
+
+
+def trainer_keys(kind: str = "gpt") -> list[str]:
+    """Every dotted key of `TrainConfig` for a model kind (tuple elements as ``key.0``)."""
+    return [key for key in _field_tree(kind) if not key.endswith(".*")]
+
+
+def _lookup(tree: Mapping[str, Any], key: str) -> Any:
+    if key in tree:
+        return tree[key]
+    prefix, _, last = key.rpartition(".")
+    return tree.get(f"{prefix}.*") if last.isdigit() else None
+
+
+def _check_key(tree: Mapping[str, Any], key: str, field: str) -> None:
+    if _lookup(tree, key) is not None:
+        return
+    keys = [k for k in tree if not k.endswith(".*")]
+    close = difflib.get_close_matches(key, keys, n=1, cutoff=0.6)
+    hint = f" (did you mean {close[0]}?)" if close else ""
+    raise StudyError(f"{field}: not a trainer config key{hint}")
+
+
+def space_limits(study: StudyConfig) -> dict[str, Limits]:
+    """Each numeric search parameter's hard trainer bounds, e.g. optimizer.lr: (0, None, open)."""
+    tree = _field_tree(_model_kind(_resolved_raw(study, {})))
+    limits: dict[str, Limits] = {}
+    for name, spec in study.space.items():
+        if spec.type == "categorical":
+            continue
+        found = _lookup(tree, name)
+        low: float | None = None
+        high: float | None = None
+        low_open = high_open = False
+        for item in found[1] if found else []:
+            if getattr(item, "gt", None) is not None:
+                low, low_open = float(item.gt), True
+            if getattr(item, "ge", None) is not None:
+                low, low_open = float(item.ge), False
+            if getattr(item, "lt", None) is not None:
+                high, high_open = float(item.lt), True
+            if getattr(item, "le", None) is not None:
+                high, high_open = float(item.le), False
+        limits[name] = Limits(low, high, low_open, high_open)
+    return limits
+
+
+def _with_values(raw: dict[str, Any], values: Mapping[str, Any], field: str) -> dict[str, Any]:
+    """`raw` with dotted keys set through the trainer's own override mechanism; a numeric last
+    segment replaces one element of the tuple or list already there."""
+    from trainer.config import apply_overrides
+
+    result: dict[str, Any] = json.loads(json.dumps(raw, default=str))
+    plain: dict[str, Any] = {}
+    for key, value in values.items():
+        prefix, _, last = key.rpartition(".")
+        if not (prefix and last.isdigit()):
+            plain[key] = value
+            continue
+        node: Any = result
+        for part in prefix.split("."):
+            node = node.get(part) if isinstance(node, dict) else None
+        current = plain.get(prefix, node)
+        if not isinstance(current, list | tuple) or int(last) >= len(current):
+            size = len(current) if isinstance(current, list | tuple) else 0
+            raise StudyError(
+                f"{field}.{key}: {prefix} has {size or 'no'} elements in the base config; set "
+                f"the whole {prefix} there or in overrides, then search one element"
+            )
+        items = list(current)
+        items[int(last)] = value
+        plain[prefix] = items
+    items_text = [f"{key}={json.dumps(value, default=str)}" for key, value in plain.items()]
+    return apply_overrides(result, items_text)
+
+
+def _resolved_raw(study: StudyConfig, params: Mapping[str, Any]) -> dict[str, Any]:
+    """Base + study overrides + `params`, as a raw dict (not validated yet)."""
+    from trainer.errors import ConfigError
+
+    try:
+        raw = _with_values(study.base_raw(), study.overrides, "overrides")
+        return _with_values(raw, params, "space") if params else raw
+    except StudyError:
+        raise
+    except ConfigError as error:
+        raise StudyError(f"{'space' if params else 'overrides'}: {error}") from None
+
+
+def check_trainer_keys(study: StudyConfig) -> None:
+    """Every override and search key must be a trainer key, and every value at the ends of
+    each range (each choice) must give a valid TrainConfig. Raises StudyError naming it."""
+    from trainer.config import parse_config
+    from trainer.errors import ConfigError
+
+    try:
+        parse_config(study.base_raw())
+    except StudyError:
+        raise
+    except ConfigError as error:
+        raise StudyError(f"base: {study.base.name}: {error}") from None
+    kind = _model_kind({**study.base_raw(), **_nested(study.overrides)})
+    tree = _field_tree(kind)
+    for key in study.overrides:
+        _check_key(tree, key, f"overrides.{key}")
+    try:
+        parse_config(_resolved_raw(study, {}))
+    except ConfigError as error:
+        raise StudyError(f"overrides: with base {study.base.name}: {error}") from None
+    for name in study.space:
+        _check_key(tree, name, f"space.{name}")
+    for name, spec in study.space.items():
+        # an active conditional parameter comes with its condition's values
+        context = _condition_values(study.space, name)
+        values = spec.choices if spec.type == "categorical" else list(spec.bounds)
+        for value in values or []:
+            try:
+                parse_config(_resolved_raw(study, {**context, name: value}))
+            except StudyError:
+                raise
+            except ConfigError as error:
+                raise StudyError(
+                    f"space.{name}: {value!r} is not a valid trainer value ({error})"
+                ) from None
+    for i, stage in enumerate(study.stages):
+        try:
+            budget_steps(parse_config(_resolved_raw(study, {})), stage.budget)
+        except StudyError as error:
+            raise StudyError(f"stages.{i}.budget.{error}") from None
+
+
+def _nested(flat: Mapping[str, Any]) -> dict[str, Any]:
+    """Only what `_model_kind` needs: a flat ``model.kind`` override as a nested mapping."""
+    return {"model": {"kind": flat["model.kind"]}} if "model.kind" in flat else {}
+
+
+def _condition_values(space: Mapping[str, ParamSpec], name: str) -> dict[str, Any]:
+    values: dict[str, Any] = {}
+    for target, allowed in (space[name].condition or {}).items():
+        values.update(_condition_values(space, target))
+        values[target] = allowed[0]
+    return values
+
+
+def tokens_per_step(config: TrainConfig) -> int:
+    """Tokens one optimiser step consumes (examples for image classifiers)."""
+    # the same count as trainer.data's tokens_per_batch, without opening the data
+    per_batch = config.data.batch_size
+    if config.data.kind != "digits":
+        per_batch *= config.data.block_size
+    return per_batch * config.grad_accum_steps
+
+
+def budget_steps(config: TrainConfig, budget: BudgetSpec) -> int:
+    """Optimiser steps a budget buys under `config`."""
+    if budget.steps is not None:
+        return budget.steps
+    assert budget.tokens is not None
+    per_step = tokens_per_step(config)
+    if budget.tokens < per_step:
+        raise StudyError(
+            f"tokens: {budget.tokens} is less than one step ({per_step} tokens per step); "
+            "raise it or use steps"
+        )
+    return budget.tokens // per_step
+
+
+def trial_config(study: StudyConfig, params: Mapping[str, Any], budget: BudgetSpec) -> TrainConfig:
+    """The TrainConfig of one trial: base + overrides + sampled `params` + the stage's budget.
+
+    Steps come from the budget (tokens divided by the trial's own tokens per step, so a searched
+    batch size changes them). The study's tracking URI, when set, goes to `tracking`. The seed
+    stays the base config's: every trial sees the same data order and initialisation.
+    """
+    from trainer.config import parse_config
+    from trainer.errors import ConfigError
+
+    try:
+        config = parse_config(_resolved_raw(study, params))
+    except StudyError:
+        raise
+    except ConfigError as error:
+        raise StudyError(f"space: {error}") from None
+    # both updates are already valid values: no need to validate the whole config again
+    update: dict[str, Any] = {"steps": budget_steps(config, budget)}
+    if study.tracking_uri is not None:
+        update["tracking"] = config.tracking.model_copy(update={"tracking_uri": study.tracking_uri})
+    return config.model_copy(update=update)

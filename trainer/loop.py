@@ -1,0 +1,391 @@
+"""The training loop: ``train(config, callbacks) -> RunResult``.
+
+The loop reads like the seed's pseudo-code, one phase per numbered comment: sample, forward,
+loss, backward (over micro-batches), unscale and check, clip, optimiser step, schedule,
+then record, evaluate and checkpoint. Everything else hangs off it as small functions.
+
+Step numbers: update s (0-based) draws micro-batch m from ``get_batch("train", s, micro=m)``
+and uses the schedule's lr at s. Records, callbacks and checkpoints count *completed*
+updates: the record after update s has ``step = s + 1``; ``step_0000100.pt`` holds the state
+after 100 updates, and a resumed run continues with update 100.
+
+Evaluation: on the fixed validation set, before the first update (step 0, unless eval_every is
+0), every eval_every steps and after the last one.
+
+Callbacks (any callable, e.g. an object with ``__call__``) are called after each recorded step
+(logging or evaluation steps) with a `StepInfo`. A callback ends the run by raising
+`StopTraining` (a study prunes a trial this way): the loop finishes that step, writes its
+checkpoint and returns a RunResult whose ``stopped_reason`` is the exception's reason
+("callback" unless given). Early stopping ends a run the same way. Resuming a stopped run
+returns its result without training further.
+
+Non-finite loss or gradient norm: ``nonfinite: stop`` (default) ends the run before the update
+(``stopped_reason`` "nonfinite", ``stop_message`` says which step and what); ``skip`` drops that
+update (the schedule still advances) and counts it in ``skipped_steps``. Under fp16 an
+overflowing gradient is the loss scaler's business: it skips the update and lowers the scale.
+
+Run folder (see trainer.rundir): ``config.yaml`` (resolved), ``run.json`` (provenance, device,
+sizes, status), ``metrics.jsonl`` (via trainer.tracking.Tracker),
+``checkpoints/step_XXXXXXX.pt``, and ``result.json`` at the end (atomically). Nothing is
+written before the config, device, precision, data, model and any checkpoint to resume from
+have been checked.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from trainer.clipping import clip_gradients
+from trainer.config import TrainConfig
+from trainer.diagnostics import ActivationProbe, WeightSnapshot, grad_norms, per_layer_grad_norms
+from trainer.optim import needs_create_graph
+from trainer.precision import Precision
+from trainer.reproducibility import deterministic_algorithms, set_rng_state
+from trainer.rundir import (
+    KILL_AFTER_CHECKPOINT_ENV,
+    LoopState,
+    Parts,
+    RunResult,
+    build_run,
+    finish_run,
+    run_result,
+    save_run,
+    start_run,
+)
+from trainer.tracking import Tracker
+
+__all__ = [
+    "KILL_AFTER_CHECKPOINT_ENV",
+    "RunResult",
+    "StepInfo",
+    "StopTraining",
+    "forward_backward",
+    "train",
+]
+
+
+class StopTraining(Exception):
+    """Raise from a callback to end the run after the current step.
+
+    >>> def stop_above(info: StepInfo) -> None:
+    ...     if info.val_loss is not None and info.val_loss > 3.0:
+    ...         raise StopTraining("pruned")
+    """
+
+    def __init__(self, reason: str = "callback") -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+@dataclass(frozen=True)
+class StepInfo:
+    """What a callback sees after a recorded step (``metrics`` is the record that was logged)."""
+
+    step: int
+    tokens: int
+    train_loss: float
+    val_loss: float | None
+    metrics: dict[str, float]
+
+
+Callback = Callable[[StepInfo], object]
+
+
+# ---------------------------------------------------------------------------------------------
+# The loop
+
+
+def train(
+    config: TrainConfig,
+    callbacks: Sequence[Callback] = (),
+    out_dir: str | Path | None = None,
+    resume: bool = False,
+    *,
+    parent_run_id: str | None = None,
+    tags: dict[str, str] | None = None,
+) -> RunResult:
+    """Train `config`'s model on its data; see the module docstring for the run folder.
+
+    `resume` continues from the newest checkpoint in `out_dir`. `parent_run_id` and `tags` go
+    to the MLflow run (a study nests its trials this way).
+    """
+    session_start = time.perf_counter()
+    with deterministic_algorithms(config.deterministic):
+        parts = build_run(config, out_dir, resume)  # every user error is raised here
+        tracker = start_run(parts, parent_run_id, tags)
+        try:
+            result = _loop(parts, tracker, list(callbacks), session_start)
+        except BaseException as error:
+            finish_run(parts, tracker, None, error)
+            raise
+        finish_run(parts, tracker, result, None)
+    return result
+
+
+def _loop(
+    parts: Parts, tracker: Tracker, callbacks: list[Callback], session_start: float
+) -> RunResult:
+    config, data, model, optimizer = parts.config, parts.data, parts.model, parts.optimizer
+    precision, scheduler, s = parts.precision, parts.scheduler, parts.state
+    named = [(n, p) for n, p in parts.raw_model.named_parameters() if p.requires_grad]
+    params = [p for _, p in named]
+    probe = _activation_probe(parts)
+    create_graph = needs_create_graph(optimizer)
+    val_batches = [_to(batch, parts.device) for batch in data.val_batches(config.eval_batches)]
+    if parts.saved_rng is not None:
+        set_rng_state(parts.saved_rng)  # last, so nothing above draws from the restored streams
+    clip_options = config.clip.model_dump(exclude={"mode"})
+    stopped_reason, stop_message = s.stopped_reason, None
+
+    if s.step == 0 and config.eval_every > 0:  # the untrained model's loss anchors the curve
+        tracker.log_metrics({"tokens": 0.0, **_evaluate(parts, val_batches)}, step=0)
+        _update_best(config, s)
+    interval = _Interval(s.step, s.tokens, time.perf_counter())
+
+    while s.step < config.steps and stopped_reason is None:
+        step = s.step  # index of this update
+        done = step + 1  # updates completed after it
+        logging = done % config.log_every == 0 or done == config.steps
+        evaluating = done == config.steps or (
+            config.eval_every > 0 and done % config.eval_every == 0
+        )
+        diagnosing = logging and done % config.diagnostics_every == 0
+
+        # 1. sample, forward, loss, backward: grad_accum_steps micro-batches, each loss / k
+        micro_batches = (
+            _to(data.get_batch("train", step, micro=m), parts.device)
+            for m in range(config.grad_accum_steps)
+        )
+        loss = forward_backward(
+            model,
+            micro_batches,
+            config.grad_accum_steps,
+            precision,
+            label_smoothing=config.label_smoothing,
+            create_graph=create_graph,
+            probe=probe if diagnosing else None,
+        )
+
+        # 2. true-size gradients, measured before clipping; stop or skip on NaN / inf
+        precision.unscale_(optimizer)
+        grad_norm, per_param = grad_norms(params)
+        loss_value, grad_norm_value = loss.item(), grad_norm.item()
+        lrs = [group["lr"] for group in optimizer.param_groups]  # the lr of this update
+        clipped, snapshot = False, None
+        # under fp16 an overflowing gradient is routine: the scaler skips that step itself
+        finite_grads = math.isfinite(grad_norm_value)
+        if math.isfinite(loss_value) and (finite_grads or precision.scales_loss):
+            # 3. clip, optimiser step, schedule
+            if finite_grads:
+                clipped = clip_gradients(params, config.clip.mode, grad_norm, **clip_options)
+            if diagnosing and config.diagnostics.per_layer:
+                snapshot = WeightSnapshot(named)
+            stepped = precision.step(optimizer)
+            s.clipped_steps += int(clipped)
+            s.skipped_steps += int(not stepped)
+            s.interval_loss_sum += loss_value
+            s.interval_steps += 1
+        else:
+            precision.skip()
+            bad, what = (
+                (loss_value, "loss")
+                if not math.isfinite(loss_value)
+                else (grad_norm_value, "gradient norm")
+            )
+            if config.nonfinite == "stop":
+                stopped_reason = "nonfinite"
+                stop_message = (
+                    f"step {step}: {what} is {bad} (non-finite); stopped before the update. "
+                    "Lower optimizer.lr, set clip.mode, or set nonfinite: skip"
+                )
+                break
+            s.skipped_steps += 1
+        optimizer.zero_grad(set_to_none=True)
+        scheduler.step()
+        s.step, s.tokens = done, s.tokens + parts.tokens_per_step
+
+        # 4. record, evaluate, call back, checkpoint
+        if logging or evaluating:
+            metrics = _step_metrics(parts, interval, loss_value, grad_norm_value, clipped, lrs)
+            if diagnosing and config.diagnostics.per_layer:
+                metrics.update(per_layer_grad_norms(named, per_param))
+                metrics.update(snapshot.metrics() if snapshot is not None else {})
+            if diagnosing and probe is not None:
+                metrics.update(probe.metrics())
+            if logging:
+                s.train_curve.append((done, loss_value))
+            if evaluating:
+                metrics.update(_evaluate(parts, val_batches))
+                stopped_reason = _update_best(config, s)
+            tracker.log_metrics(metrics, step=done)
+            info = StepInfo(done, s.tokens, loss_value, metrics.get("val_loss"), metrics)
+            stopped_reason = _call_back(callbacks, info) or stopped_reason
+            interval = _Interval(s.step, s.tokens, time.perf_counter())
+        if (
+            done == config.steps
+            or stopped_reason is not None
+            or (config.checkpoint_every > 0 and done % config.checkpoint_every == 0)
+        ):
+            s.stopped_reason = stopped_reason
+            save_run(parts, session_start)
+            interval = _Interval(s.step, s.tokens, time.perf_counter())
+
+    return run_result(parts, session_start, stopped_reason, stop_message)
+
+
+def forward_backward(
+    model: nn.Module,
+    micro_batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
+    accum_steps: int,
+    precision: Precision,
+    *,
+    label_smoothing: float = 0.0,
+    create_graph: bool = False,
+    probe: ActivationProbe | None = None,
+) -> torch.Tensor:
+    """Accumulate the gradient of the mean loss over `accum_steps` equal micro-batches.
+
+    Each micro-batch's mean loss is divided by `accum_steps` before its backward, so the summed
+    gradient equals the gradient of the mean loss over the concatenated batch. Returns that
+    mean loss (detached). `probe` hooks the first micro-batch's forward pass only.
+    """
+    total: torch.Tensor | None = None
+    for m, (x, y) in enumerate(micro_batches):
+        hooks = probe.attached() if probe is not None and m == 0 else contextlib.nullcontext()
+        with hooks, precision.autocast():
+            _, loss = model(x, y, label_smoothing=label_smoothing)
+        assert loss is not None  # targets were given
+        if accum_steps > 1:
+            loss = loss / accum_steps
+        precision.backward(loss, create_graph=create_graph)
+        total = loss.detach().float() if total is None else total + loss.detach().float()
+    assert total is not None, "no micro-batches"
+    return total
+
+
+# ---------------------------------------------------------------------------------------------
+# What the loop records
+
+
+@dataclass(frozen=True)
+class _Interval:
+    """Where the current throughput interval started."""
+
+    step: int
+    tokens: int
+    time: float
+
+
+def _step_metrics(
+    parts: Parts,
+    interval: _Interval,
+    loss: float,
+    grad_norm: float,
+    clipped: bool,
+    lrs: list[float],
+) -> dict[str, float]:
+    s = parts.state
+    seconds = time.perf_counter() - interval.time
+    tokens_per_s = (s.tokens - interval.tokens) / seconds if seconds > 0 else 0.0
+    metrics = {
+        "tokens": float(s.tokens),
+        "loss": loss,
+        "lr": lrs[0],
+        **_lr_metrics(parts.optimizer, lrs),
+        "grad_norm": grad_norm,
+        "clipped": float(clipped),
+        "clip_rate": s.clipped_steps / max(s.step, 1),
+        "tokens_per_s": tokens_per_s,
+        "mfu": parts.flops_per_token * tokens_per_s / parts.peak_flops,
+        "skipped_steps": float(s.skipped_steps),
+    }
+    return metrics
+
+
+def _lr_metrics(optimizer: torch.optim.Optimizer, lrs: list[float]) -> dict[str, float]:
+    """``lr/<group name>``; a name used twice (muP scales) gets ``_<index>`` after the first."""
+    out: dict[str, float] = {}
+    for index, (group, lr) in enumerate(zip(optimizer.param_groups, lrs, strict=True)):
+        name = str(group.get("name", index))
+        key = f"lr/{name}" if f"lr/{name}" not in out else f"lr/{name}_{index}"
+        out[key] = float(lr)
+    return out
+
+
+@torch.no_grad()
+def _evaluate(
+    parts: Parts, val_batches: list[tuple[torch.Tensor, torch.Tensor]]
+) -> dict[str, float]:
+    """Validation loss (and accuracy for classifiers) on the fixed set; updates the curves."""
+    s, model = parts.state, parts.model
+    was_training = model.training
+    model.eval()
+    loss_sum = torch.zeros((), device=parts.device)
+    correct = torch.zeros((), device=parts.device)
+    count = 0
+    for x, y in val_batches:
+        with parts.precision.autocast():
+            logits, loss = model(x, y)
+        assert loss is not None
+        n = y.numel()
+        loss_sum += loss.float() * n
+        count += n
+        if parts.data.task == "classify":
+            correct += (logits.argmax(dim=-1) == y).sum()
+    model.train(was_training)
+    metrics = {"val_loss": (loss_sum / max(count, 1)).item()}
+    s.val_curve.append((s.step, metrics["val_loss"]))
+    if parts.data.task == "classify":
+        metrics["val_accuracy"] = correct.item() / max(count, 1)
+        s.val_accuracy_curve.append((s.step, metrics["val_accuracy"]))
+    if s.interval_steps > 0:
+        metrics["train_loss_avg"] = s.interval_loss_sum / s.interval_steps
+        s.interval_loss_sum, s.interval_steps = 0.0, 0
+    return metrics
+
+
+def _update_best(config: TrainConfig, s: LoopState) -> str | None:
+    """Track the best val loss; "early_stopping" once patience evaluations brought nothing."""
+    val_loss = s.val_curve[-1][1]
+    if s.best_val_loss is None or val_loss < s.best_val_loss - config.early_stopping.min_delta:
+        s.evals_since_best = 0
+    else:
+        s.evals_since_best += 1
+    if math.isfinite(val_loss) and (s.best_val_loss is None or val_loss < s.best_val_loss):
+        s.best_val_loss = val_loss
+    patience = config.early_stopping.patience
+    return "early_stopping" if patience is not None and s.evals_since_best >= patience else None
+
+
+def _call_back(callbacks: list[Callback], info: StepInfo) -> str | None:
+    """Call every callback; the reason of the first StopTraining, if any."""
+    reason = None
+    for callback in callbacks:
+        try:
+            callback(info)
+        except StopTraining as stop:
+            reason = reason or stop.reason
+    return reason
+
+
+def _activation_probe(parts: Parts) -> ActivationProbe | None:
+    diagnostics = parts.config.diagnostics
+    if not diagnostics.activations or parts.config.compile:
+        return None  # hooks on a compiled module would force recompilation
+    return ActivationProbe(parts.raw_model)
+
+
+def _to(
+    batch: tuple[torch.Tensor, torch.Tensor], device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    if device.type == "cpu":
+        return batch
+    return batch[0].to(device, non_blocking=True), batch[1].to(device, non_blocking=True)

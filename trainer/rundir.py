@@ -1,0 +1,386 @@
+"""A training run's parts, its checkpointed state, and its folder.
+
+`build_run` checks and builds everything a run needs (device, precision, data, model,
+optimiser, schedule, and the checkpoint to resume from) without writing anything; `start_run`
+creates the folder (config.yaml, run.json, the Tracker's metrics.jsonl); `save_run` writes a
+checkpoint; `finish_run` writes result.json and the final status. The loop itself is in
+trainer.loop.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import json
+import math
+import os
+import signal
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from torch import nn
+
+from trainer.checkpoint import (
+    check_config,
+    latest_checkpoint,
+    list_checkpoints,
+    load_checkpoint,
+    save_checkpoint,
+)
+from trainer.config import TrainConfig, config_hash
+from trainer.data import DataSource, build_data
+from trainer.diagnostics import flops_per_token, peak_flops
+from trainer.errors import ConfigError
+from trainer.models import build_model
+from trainer.optim import build_optimizer
+from trainer.precision import Precision, build_precision, resolve_device
+from trainer.reproducibility import rng_state, run_provenance, seed_everything
+from trainer.schedules import build_scheduler
+from trainer.tracking import Tracker, plot_run
+
+__all__ = [
+    "KILL_AFTER_CHECKPOINT_ENV",
+    "LoopState",
+    "Parts",
+    "RunResult",
+    "build_run",
+    "finish_run",
+    "run_result",
+    "save_run",
+    "start_run",
+]
+
+DEFAULT_RUNS_DIR = Path("runs") / "train"
+# Test hook: SIGKILL this process right after the checkpoint of this step is on disk.
+KILL_AFTER_CHECKPOINT_ENV = "SCALEPLAN_TEST_KILL_AFTER_CHECKPOINT"
+
+
+@dataclass
+class RunResult:
+    """What one call of `train` produced; ``to_dict()`` is what result.json holds.
+
+    `flops` is flops_per_token * tokens: for a GPT, 6N + attention per token (Kaplan et al.
+    2020); for MLP and CNN an estimate, 6 FLOPs per multiply-accumulate of their Linear and
+    Conv layers, per example (see trainer.diagnostics.flops_per_token). `tokens` counts examples
+    for classifiers. `wall_seconds` adds up the time of every resumed part of the run.
+    `stopped_reason`: None (ran all steps), "nonfinite", "early_stopping", or a callback's
+    StopTraining reason.
+    """
+
+    train_curve: list[tuple[int, float]]
+    val_curve: list[tuple[int, float]]
+    final_val_loss: float | None
+    best_val_loss: float | None
+    final_val_accuracy: float | None
+    steps: int
+    tokens: int
+    flops: float
+    flops_per_token: float
+    wall_seconds: float
+    out_dir: str
+    n_params: int
+    n_params_non_embedding: int
+    stopped_reason: str | None
+    stop_message: str | None
+    skipped_steps: int
+    clip_rate: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class LoopState:
+    """The loop's counters: checkpointed, so a resumed run carries on exactly."""
+
+    step: int = 0
+    tokens: int = 0
+    clipped_steps: int = 0
+    skipped_steps: int = 0
+    best_val_loss: float | None = None
+    evals_since_best: int = 0
+    interval_loss_sum: float = 0.0
+    interval_steps: int = 0
+    train_curve: list[tuple[int, float]] = field(default_factory=list)
+    val_curve: list[tuple[int, float]] = field(default_factory=list)
+    val_accuracy_curve: list[tuple[int, float]] = field(default_factory=list)
+    wall_seconds: float = 0.0
+    stopped_reason: str | None = None  # a stopped run resumes as a no-op
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            k: [list(p) for p in v] if k.endswith("_curve") else v for k, v in asdict(self).items()
+        }
+
+    @classmethod
+    def from_dict(cls, saved: dict[str, Any]) -> LoopState:
+        state = cls(**{k: v for k, v in saved.items() if not k.endswith("_curve")})
+        for key in ("train_curve", "val_curve", "val_accuracy_curve"):
+            setattr(state, key, [(int(s), float(v)) for s, v in saved[key]])
+        return state
+
+
+@dataclass
+class Parts:
+    """Everything `train` builds before its first step."""
+
+    config: TrainConfig
+    out_dir: Path
+    device: torch.device
+    precision: Precision
+    data: DataSource
+    raw_model: nn.Module  # the module itself (checkpoints, diagnostics)
+    model: nn.Module  # what runs forward: raw_model, or torch.compile of it
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    state: LoopState
+    resumed_from: Path | None
+    saved_rng: dict[str, Any] | None
+    flops_per_token: float
+    peak_flops: float
+    peak_flops_source: str
+    tokens_per_step: int
+
+
+# ---------------------------------------------------------------------------------------------
+# Building a run, checkpoints, the run folder
+
+
+def build_run(config: TrainConfig, out_dir: str | Path | None, resume: bool) -> Parts:
+    """Check everything and build the run; writes nothing in the run folder."""
+    device = resolve_device(config.device)
+    precision = build_precision(config.precision, device)
+    run_dir = _run_dir(config, out_dir, resume)
+    saved: dict[str, Any] | None = None
+    resumed_from = None
+    if resume:
+        resumed_from = latest_checkpoint(run_dir)
+        if resumed_from is None:
+            raise ConfigError(
+                f"resume: no checkpoint in '{run_dir / 'checkpoints'}'; start without resume"
+            )
+        saved = load_checkpoint(resumed_from)
+        check_config(saved, config, resumed_from)
+
+    seed_everything(config.seed)
+    data = build_data(config.data, seed=config.seed)
+    raw_model: nn.Module = build_model(
+        config.model,
+        vocab_size=data.vocab_size,
+        input_shape=data.input_shape,
+        num_classes=data.num_classes,
+        seed=config.seed,
+    ).to(device)
+    example = data.val_batches(1)[0][0].to(device)
+    per_token = flops_per_token(raw_model, example, config.data.block_size)
+    raw_model = precision.prepare(raw_model)
+    optimizer = build_optimizer(raw_model, config.optimizer)
+    scheduler = build_scheduler(optimizer, config.schedule, config.steps)
+    state = LoopState()
+    if saved is not None:
+        raw_model.load_state_dict(saved["model"])
+        optimizer.load_state_dict(saved["optimizer"])
+        scheduler.load_state_dict(saved["scheduler"])
+        precision.load_state_dict(saved.get("scaler") or {})
+        state = LoopState.from_dict(saved["loop"])
+    model = torch.compile(raw_model) if config.compile else raw_model
+    peak, peak_source = peak_flops(device, config.diagnostics.peak_flops)
+    return Parts(
+        config=config,
+        out_dir=run_dir,
+        device=device,
+        precision=precision,
+        data=data,
+        raw_model=raw_model,
+        model=model,  # type: ignore[arg-type]  # torch.compile returns a callable module
+        optimizer=optimizer,
+        scheduler=scheduler,
+        state=state,
+        resumed_from=resumed_from,
+        saved_rng=None if saved is None else saved["rng"],
+        flops_per_token=per_token,
+        peak_flops=peak,
+        peak_flops_source=peak_source,
+        tokens_per_step=data.tokens_per_batch * config.grad_accum_steps,
+    )
+
+
+def _run_dir(config: TrainConfig, out_dir: str | Path | None, resume: bool) -> Path:
+    if out_dir is None:
+        if resume:
+            raise ConfigError("resume: needs the run's folder (out_dir / --out) to continue")
+        stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+        base = DEFAULT_RUNS_DIR / (config.tracking.run_name or stamp)
+        path, n = base, 1
+        while path.exists():
+            n += 1
+            path = base.with_name(f"{base.name}-{n}")
+        return path
+    path = Path(out_dir)
+    if path.exists() and not path.is_dir():
+        raise ConfigError(f"out: '{path}' is a file; expected a folder for the run")
+    if not resume and (list_checkpoints(path) or (path / "metrics.jsonl").exists()):
+        raise ConfigError(f"out: '{path}' already holds a run; resume it, or choose another folder")
+    return path
+
+
+def save_run(parts: Parts, session_start: float) -> Path:
+    s = parts.state
+    loop = s.to_dict()
+    loop["wall_seconds"] = s.wall_seconds + time.perf_counter() - session_start
+    path = save_checkpoint(
+        parts.out_dir,
+        {
+            "step": s.step,
+            "data_position": {"step": s.step},
+            "model": parts.raw_model.state_dict(),
+            "optimizer": parts.optimizer.state_dict(),
+            "scheduler": parts.scheduler.state_dict(),
+            "scaler": parts.precision.state_dict(),
+            "rng": rng_state(),
+            "loop": loop,
+            "config": parts.config.model_dump(mode="json"),
+            "config_hash": config_hash(parts.config),
+        },
+        keep=parts.config.keep_checkpoints,
+    )
+    if os.environ.get(KILL_AFTER_CHECKPOINT_ENV) == str(s.step):
+        os.kill(os.getpid(), signal.SIGKILL)
+    return path
+
+
+def start_run(parts: Parts, parent_run_id: str | None, tags: dict[str, str] | None) -> Tracker:
+    """Create the run folder: config.yaml, run.json, and the tracker (metrics.jsonl)."""
+    config, run_dir = parts.config, parts.out_dir
+    run_dir.mkdir(parents=True, exist_ok=True)
+    _write_atomic(
+        run_dir / "config.yaml", yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)
+    )
+    _write_run_json(parts, "running")
+    tracking = config.tracking
+    tracker = Tracker(
+        run_dir,
+        enabled=tracking.enabled,
+        tracking_uri=tracking.tracking_uri,
+        experiment=tracking.experiment,
+        run_name=tracking.run_name or run_dir.name,
+        parent_run_id=parent_run_id,
+        tags=tags,
+        resume_step=parts.state.step if parts.resumed_from is not None else None,
+    )
+    tracker.log_artifact(run_dir / "config.yaml")
+    tracker.log_params(
+        {
+            **config.model_dump(mode="json"),
+            "n_params": _n_params(parts.raw_model, True),
+            "n_params_non_embedding": _n_params(parts.raw_model, False),
+            "config_hash": config_hash(config),
+            "data_fingerprint": parts.data.fingerprint,
+        }
+    )
+    return tracker
+
+
+def finish_run(
+    parts: Parts, tracker: Tracker, result: RunResult | None, error: BaseException | None
+) -> None:
+    if result is None:
+        status = "interrupted" if isinstance(error, KeyboardInterrupt) else "failed"
+        tracker.finish("KILLED" if status == "interrupted" else "FAILED", {"error": repr(error)})
+        _write_run_json(parts, status)
+        return
+    summary = result.to_dict()
+    _write_atomic(parts.out_dir / "result.json", _json(summary))
+    tracker.log_artifact(parts.out_dir / "result.json")
+    if tracker.run_id is not None:  # loss and grad-norm curves, for the MLflow UI
+        for plot in plot_run(parts.out_dir):
+            tracker.log_artifact(plot)
+    status = "completed" if result.stopped_reason is None else "stopped"
+    tracker.finish(
+        "FAILED" if result.stopped_reason == "nonfinite" else "FINISHED",
+        {k: v for k, v in summary.items() if not k.endswith("_curve")},
+    )
+    _write_run_json(parts, status)
+
+
+def _write_run_json(parts: Parts, status: str) -> None:
+    provenance = run_provenance(config_hash(parts.config), parts.data.fingerprint, parts.device)
+    run = {
+        "status": status,
+        "updated_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        **provenance,
+        "model": parts.config.model.kind,
+        "n_params": _n_params(parts.raw_model, True),
+        "n_params_non_embedding": _n_params(parts.raw_model, False),
+        "flops_per_token": parts.flops_per_token,
+        "peak_flops": parts.peak_flops,
+        "peak_flops_source": parts.peak_flops_source,
+        "precision": parts.config.precision,
+        "data": parts.data.meta,
+        "resumed_from": None if parts.resumed_from is None else str(parts.resumed_from),
+    }
+    _write_atomic(parts.out_dir / "run.json", _json(run))
+
+
+def run_result(
+    parts: Parts, session_start: float, stopped_reason: str | None, stop_message: str | None
+) -> RunResult:
+    s = parts.state
+    return RunResult(
+        train_curve=list(s.train_curve),
+        val_curve=list(s.val_curve),
+        final_val_loss=s.val_curve[-1][1] if s.val_curve else None,
+        best_val_loss=s.best_val_loss,
+        final_val_accuracy=s.val_accuracy_curve[-1][1] if s.val_accuracy_curve else None,
+        steps=s.step,
+        tokens=s.tokens,
+        flops=parts.flops_per_token * s.tokens,
+        flops_per_token=parts.flops_per_token,
+        wall_seconds=s.wall_seconds + time.perf_counter() - session_start,
+        out_dir=str(parts.out_dir),
+        n_params=_n_params(parts.raw_model, True),
+        n_params_non_embedding=_n_params(parts.raw_model, False),
+        stopped_reason=stopped_reason,
+        stop_message=stop_message,
+        skipped_steps=s.skipped_steps,
+        clip_rate=s.clipped_steps / max(s.step, 1),
+    )
+
+
+def _n_params(model: nn.Module, include_embeddings: bool) -> int:
+    count = getattr(model, "num_params", None)
+    if count is None:
+        return sum(p.numel() for p in model.parameters())
+    return int(count(include_embeddings=include_embeddings))
+
+
+def _json(payload: Any) -> str:
+    return json.dumps(_finite(payload), indent=2) + "\n"
+
+
+def _finite(value: Any) -> Any:
+    """JSON has no NaN or infinity: write them as null."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {str(k): _finite(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_finite(v) for v in value]
+    return value
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    handle, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(handle, "w") as file:
+            file.write(text)
+        os.replace(temp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(temp)
+        raise
