@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from studies.cli import number
 from studies.commands import output
 
 MAX_LAYERS_SHOWN = 4
@@ -16,12 +17,25 @@ MAX_LAYERS_SHOWN = 4
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("run_dir", type=Path, metavar="RUN_DIR", help="a run folder")
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    parser.add_argument(
+        "--update-ratio-band",
+        type=number,
+        nargs=2,
+        metavar=("LOW", "HIGH"),
+        default=None,
+        help="healthy update/weight ratio per layer"
+        " (default 1e-4 1e-2; small Adam-trained models sit higher)",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
-    from trainer.pathologies import diagnose_run
+    from trainer.errors import ConfigError
+    from trainer.pathologies import UPDATE_RATIO_BAND, diagnose_run
 
-    n_records, findings = diagnose_run(args.run_dir)
+    band = tuple(args.update_ratio_band or UPDATE_RATIO_BAND)
+    if not 0 < band[0] < band[1]:
+        raise ConfigError(f"--update-ratio-band: {band[0]:g} {band[1]:g}; expected 0 < LOW < HIGH")
+    n_records, findings = diagnose_run(args.run_dir, update_ratio_band=(band[0], band[1]))
     if args.json:
         output.print_json(
             {

@@ -149,7 +149,13 @@ def test_update_ratio_out_of_band_names_the_layers() -> None:
     high = next(f for f in findings if "above" in f.detail)
     low = next(f for f in findings if "below" in f.detail)
     assert high.layers == ("h.1.attn.weight",) and low.layers == ("h.0.mlp.weight",)
-    assert high.severity == "warning"  # 4x above the band; 10x would be an error
+    assert high.severity == "error"  # 20x above the default 1e-2 edge; 10x is an error
+    wide = [
+        f
+        for f in diagnose(records(series), update_ratio_band=(1e-4, 5e-2))
+        if f.pathology.startswith("update/weight") and "above" in f.detail
+    ]
+    assert [f.severity for f in wide] == ["warning"]  # 4x above a 5e-2 edge
     # judged while lr >= half its peak: from the end of warm-up into the cosine decay
     assert 140 <= high.steps[0] <= 300 and 3000 <= high.steps[1] <= 3400
 
