@@ -550,24 +550,9 @@ def load_study(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) ->
 
 
 def _read_yaml(path: Path, field: str) -> dict[str, Any]:
-    try:
-        text = path.read_text()
-    except FileNotFoundError:
-        raise StudyError(f"{field}: '{path}' does not exist; expected a YAML file") from None
-    except OSError as error:
-        raise StudyError(f"{field}: '{path}' cannot be read ({error.strerror})") from None
-    try:
-        raw = yaml.safe_load(text)
-    except yaml.YAMLError as error:
-        mark = getattr(error, "problem_mark", None)
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        problem = getattr(error, "problem", None) or "invalid YAML"
-        raise StudyError(f"{field}: '{path}' is not valid YAML{where}: {problem}") from None
-    if raw is None:
-        raw = {}
-    if not isinstance(raw, dict):
-        raise StudyError(f"{field}: '{path}' holds a {type(raw).__name__}; expected a mapping")
-    return _numbers(raw)
+    from trainer.config import read_yaml_mapping
+
+    return dict(_numbers(read_yaml_mapping(path, field, StudyError)))
 
 
 def _numbers(tree: Any) -> Any:

@@ -307,27 +307,32 @@ def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> TrainConfig:
     """Read a YAML file, apply ``dotted.key=value`` overrides, validate: a `TrainConfig`."""
-    path = Path(path)
+    raw = read_yaml_mapping(Path(path), "config")
+    return parse_config(apply_overrides(raw, overrides))
+
+
+def read_yaml_mapping(
+    path: Path, field: str, error: type[ConfigError] = ConfigError
+) -> dict[str, Any]:
+    """A YAML file holding a mapping, or ``error`` naming ``field``, the file and the problem."""
     try:
         text = path.read_text()
     except FileNotFoundError:
-        raise ConfigError(f"config: '{path}' does not exist; expected a YAML file") from None
-    except OSError as error:
-        raise ConfigError(f"config: '{path}' cannot be read ({error.strerror})") from None
+        raise error(f"{field}: '{path}' does not exist; expected a YAML file") from None
+    except OSError as exc:
+        raise error(f"{field}: '{path}' cannot be read ({exc.strerror})") from None
     try:
         raw = yaml.safe_load(text)
-    except yaml.YAMLError as error:
-        mark = getattr(error, "problem_mark", None)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        problem = getattr(error, "problem", None) or "invalid YAML"
-        raise ConfigError(f"config: '{path}' is not valid YAML{where}: {problem}") from None
+        problem = getattr(exc, "problem", None) or "invalid YAML"
+        raise error(f"{field}: '{path}' is not valid YAML{where}: {problem}") from None
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):
-        raise ConfigError(
-            f"config: '{path}' holds a {type(raw).__name__}; expected a mapping of fields"
-        )
-    return parse_config(apply_overrides(raw, overrides))
+        raise error(f"{field}: '{path}' holds a {type(raw).__name__}; expected a mapping of fields")
+    return raw
 
 
 def parse_config(raw: dict[str, Any]) -> TrainConfig:

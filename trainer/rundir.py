@@ -9,13 +9,10 @@ trainer.loop.
 
 from __future__ import annotations
 
-import contextlib
 import datetime as dt
 import json
-import math
 import os
 import signal
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -41,7 +38,7 @@ from trainer.optim import build_optimizer
 from trainer.precision import Precision, build_precision, resolve_device
 from trainer.reproducibility import rng_state, run_provenance, seed_everything
 from trainer.schedules import build_scheduler
-from trainer.tracking import Tracker, plot_run
+from trainer.tracking import Tracker, json_safe, plot_run, write_text_atomic
 
 __all__ = [
     "KILL_AFTER_CHECKPOINT_ENV",
@@ -258,7 +255,7 @@ def start_run(parts: Parts, parent_run_id: str | None, tags: dict[str, str] | No
     """Create the run folder: config.yaml, run.json, and the tracker (metrics.jsonl)."""
     config, run_dir = parts.config, parts.out_dir
     run_dir.mkdir(parents=True, exist_ok=True)
-    _write_atomic(
+    write_text_atomic(
         run_dir / "config.yaml", yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)
     )
     _write_run_json(parts, "running")
@@ -295,7 +292,7 @@ def finish_run(
         _write_run_json(parts, status)
         return
     summary = result.to_dict()
-    _write_atomic(parts.out_dir / "result.json", _json(summary))
+    write_text_atomic(parts.out_dir / "result.json", _json(summary))
     tracker.log_artifact(parts.out_dir / "result.json")
     if tracker.run_id is not None:  # loss and grad-norm curves, for the MLflow UI
         for plot in plot_run(parts.out_dir):
@@ -324,7 +321,7 @@ def _write_run_json(parts: Parts, status: str) -> None:
         "data": parts.data.meta,
         "resumed_from": None if parts.resumed_from is None else str(parts.resumed_from),
     }
-    _write_atomic(parts.out_dir / "run.json", _json(run))
+    write_text_atomic(parts.out_dir / "run.json", _json(run))
 
 
 def run_result(
@@ -360,27 +357,4 @@ def _n_params(model: nn.Module, include_embeddings: bool) -> int:
 
 
 def _json(payload: Any) -> str:
-    return json.dumps(_finite(payload), indent=2) + "\n"
-
-
-def _finite(value: Any) -> Any:
-    """JSON has no NaN or infinity: write them as null."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {str(k): _finite(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_finite(v) for v in value]
-    return value
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    handle, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "w") as file:
-            file.write(text)
-        os.replace(temp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(temp)
-        raise
+    return json.dumps(json_safe(payload), indent=2) + "\n"

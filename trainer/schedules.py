@@ -27,7 +27,7 @@ from typing import Any, Literal
 import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from trainer.errors import ConfigError
+from trainer.errors import ConfigError, component_config_error
 
 __all__ = ["ScheduleConfig", "build_scheduler", "lr_multiplier", "warmup_steps"]
 
@@ -102,7 +102,7 @@ class ScheduleConfig(BaseModel):
         try:
             super().__init__(**data)
         except ValidationError as exc:
-            raise _config_error(exc, "schedule", type(self)) from None
+            raise component_config_error(exc, "schedule", type(self)) from None
 
     @model_validator(mode="after")
     def _check_knobs(self) -> ScheduleConfig:
@@ -131,23 +131,6 @@ class ScheduleConfig(BaseModel):
         if self.name == "sgdr" and self.restart_period is None:
             raise ValueError("restart_period: required for 'sgdr' (first period in steps)")
         return self
-
-
-def _config_error(exc: ValidationError, section: str, model: type[BaseModel]) -> ConfigError:
-    """One line naming the field, the bad value and what is allowed, from pydantic's first error."""
-    error = exc.errors()[0]
-    field = ".".join([section, *(str(part) for part in error["loc"])])
-    kind, value, ctx = error["type"], error.get("input"), error.get("ctx", {})
-    if kind == "extra_forbidden":
-        return ConfigError(f"{field}: unknown field; allowed: {', '.join(model.model_fields)}")
-    if kind == "literal_error":
-        allowed = ctx["expected"].replace("'", "").replace(" or ", ", ")
-        return ConfigError(f"{field}: {value!r} is not one of: {allowed}")
-    if kind == "value_error" and not error["loc"]:
-        # Cross-field checks put the field name first in their message.
-        return ConfigError(f"{section}.{ctx['error']}")
-    message = str(ctx["error"]) if kind == "value_error" else error["msg"]
-    return ConfigError(f"{field}: {value!r} is not allowed: {message[0].lower()}{message[1:]}")
 
 
 def warmup_steps(config: ScheduleConfig, total_steps: int) -> int:

@@ -55,10 +55,15 @@ __all__ = [
     "METRICS_FILE",
     "TRACKING_FILE",
     "Tracker",
+    "artifact_location",
+    "ensure_experiment",
     "flatten_params",
+    "open_client",
     "plot_run",
+    "probe_http",
     "read_metrics",
     "resolve_tracking_uri",
+    "retry_locked",
 ]
 
 METRICS_FILE = "metrics.jsonl"
@@ -459,6 +464,15 @@ def _probe_http(uri: str) -> str | None:
         return _reason(err)
 
 
+# The same helpers under public names, for studies.mlflow_study (a study's parent run lives in
+# the store its trials log to, and must be opened and probed the same way).
+open_client = _open_client
+ensure_experiment = _experiment_id
+artifact_location = _artifact_location
+probe_http = _probe_http
+retry_locked = _retry_locked
+
+
 def _is_connection_error(err: BaseException) -> bool:
     text = str(err)
     return isinstance(err, ConnectionError | TimeoutError) or any(
@@ -495,7 +509,7 @@ def _truncate_metrics(path: Path, resume_step: int) -> None:
     """Keep the records with step <= resume_step (temp file + rename)."""
     kept = [r for r in read_metrics(path) if r["step"] <= resume_step]
     text = "".join(json.dumps(record) + "\n" for record in kept)
-    _write_text_atomic(path, text)
+    write_text_atomic(path, text)
 
 
 def _read_json(path: Path) -> dict[str, Any] | None:
@@ -507,21 +521,21 @@ def _read_json(path: Path) -> dict[str, Any] | None:
 
 
 def _write_json_atomic(path: Path, payload: dict[str, Any]) -> None:
-    _write_text_atomic(path, json.dumps(_finite(payload), indent=2, default=str) + "\n")
+    write_text_atomic(path, json.dumps(json_safe(payload), indent=2, default=str) + "\n")
 
 
-def _finite(value: Any) -> Any:
+def json_safe(value: Any) -> Any:
     """JSON-safe: non-finite floats to None, recursively."""
     if isinstance(value, float) and not math.isfinite(value):
         return None
     if isinstance(value, dict):
-        return {str(k): _finite(v) for k, v in value.items()}
+        return {str(k): json_safe(v) for k, v in value.items()}
     if isinstance(value, list | tuple):
-        return [_finite(v) for v in value]
+        return [json_safe(v) for v in value]
     return value
 
 
-def _write_text_atomic(path: Path, text: str) -> None:
+def write_text_atomic(path: Path, text: str) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "w") as file:

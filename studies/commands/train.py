@@ -8,7 +8,6 @@ stopped on a non-finite loss or gradient (the reason goes to stderr); 2 for a us
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 from typing import TYPE_CHECKING, Any
 
@@ -51,6 +50,7 @@ def run(args: argparse.Namespace) -> int:
     from trainer.config import config_error, load_config
     from trainer.errors import ConfigError
     from trainer.loop import train
+    from trainer.tracking import json_safe
 
     if args.resume and args.out is None:
         raise ConfigError("--resume needs --out DIR: the folder of the run to continue")
@@ -60,7 +60,7 @@ def run(args: argparse.Namespace) -> int:
         raise config_error(exc) from None
     if args.json:
         result = train(config, out_dir=args.out, resume=args.resume)
-        output.print_json(_finite(result.to_dict()))
+        output.print_json(json_safe(result.to_dict()))
     else:
         with _ProgressBar(config.steps) as bar:
             result = train(config, [bar.update], out_dir=args.out, resume=args.resume)
@@ -131,14 +131,3 @@ def _print_summary(result: RunResult) -> None:
         lines.append(f"stopped: {result.stopped_reason}")
     lines.append(f"run folder: {result.out_dir}")
     print("\n".join(lines))
-
-
-def _finite(value: Any) -> Any:
-    """JSON has no NaN or infinity: null instead."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {key: _finite(v) for key, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_finite(v) for v in value]
-    return value
