@@ -24,13 +24,12 @@ $(VENV)/.installed-test: pyproject.toml | $(BIN)/python
 install: $(VENV)/.installed
 install-test: $(VENV)/.installed-test
 
-# The main job on the embedded defaults: a planner walk-through over budgets and published laws.
+# The main job on the embedded defaults: the quickstart sweep (coarse Sobol + ASHA, then TPE in
+# the narrowed space) over gpt-tiny on the stdlib corpus, every trial in MLflow under runs/;
+# then what the published scaling laws say for a few budgets.
 demo: install
-	$(BIN)/scaleplan laws
-	$(BIN)/scaleplan plan --compute 1e19 1e20 1e21 1e22 1e23 1e24 --law epoch2024
-	$(BIN)/scaleplan plan --compute 5.76e23 --law hoffmann2022 hoffmann2022-approach1 hoffmann2022-approach2 kaplan2020
-	$(BIN)/scaleplan plan --gpu-hours 100000 --gpu h100 --mfu 0.4 --law epoch2024
-	$(BIN)/scaleplan plan --target-loss 2.0 --inference-tokens 2e12 --law hoffmann2022
+	$(BIN)/scaleplan sweep studies/configs/quickstart.yaml
+	$(BIN)/scaleplan plan --compute 1e19 1e21 1e23
 
 lint: install-test
 	$(BIN)/ruff check .

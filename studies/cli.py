@@ -46,6 +46,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "fit": ("studies.commands.fit", "Fit a scaling law to your runs (CSV or Parquet)."),
     "diagnose": ("studies.commands.diagnose", "Name the training pathologies in a run folder."),
     "train": ("studies.commands.train", "Train one model from a YAML config (--set to override)."),
+    "sweep": ("studies.commands.sweep", "Run a coarse-to-fine hyperparameter sweep (study YAML)."),
+    "study": ("studies.commands.study", "Show, pick the best of, or export an existing study."),
 }
 
 

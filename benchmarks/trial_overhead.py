@@ -1,0 +1,191 @@
+"""Per-trial framework overhead of the search backends, with a trainable that does nothing.
+
+The trainable (`noop_trial`) reports three intermediate values and returns a complete outcome at
+once, so a trial costs only what the backend adds around it. For the Optuna backend that is:
+count the stage's trials, ``ask`` (the sampler), record the worker, suggest the parameters,
+``report`` + ``should_prune`` (the pruner) three times, write the outcome's user attrs,
+``tell``, and, with MLflow on, the trial's child run (`StudyTracker.record_trial`). Per-trial
+time is the gap between the starts of consecutive trials; the median over the trials is the
+number reported (the first trials, before the model-based sampler takes over, are cheaper;
+the mean is printed too). Stage set-up and the study's plots are left out.
+
+One function per backend (`optuna_overhead`, ...) returns its measurements; `main` prints them
+with the machine, the date and the command.
+
+    python benchmarks/trial_overhead.py                  # Optuna: about a minute on 2 CPU cores
+    python benchmarks/trial_overhead.py --trials 100 --sampler sobol
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import math
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import yaml  # noqa: E402
+
+from studies.config import StageSpec, StudyConfig, load_study  # noqa: E402
+from studies.objective import Report, TrialOutcome  # noqa: E402
+
+TARGET_S = 0.3  # the issue's budget for the Optuna backend's per-trial overhead
+REPO = Path(__file__).resolve().parents[1]
+QUICKSTART = REPO / "studies" / "configs" / "quickstart.yaml"
+
+
+class Clock:
+    """Records when each trial's trainable was called."""
+
+    def __init__(self) -> None:
+        self.starts: list[float] = []
+
+    def per_trial(self) -> list[float]:
+        return [b - a for a, b in zip(self.starts, self.starts[1:], strict=False)]
+
+
+CLOCK = Clock()
+
+
+def noop_trial(
+    study: StudyConfig,
+    stage: StageSpec,
+    params: dict[str, Any],
+    *,
+    trial_id: str,
+    report: Report | None = None,
+    **_: Any,
+) -> TrialOutcome:
+    """A trainable that trains nothing: a value from the params, three reports, done."""
+    CLOCK.starts.append(time.perf_counter())
+    value = 2.0 + (math.log10(float(params.get("optimizer.lr", 1e-3))) + 2.5) ** 2
+    intermediate = [(step, value + 1.0 / step) for step in (40, 80, 120)]
+    for step, reported in intermediate:
+        if report is not None and report(step, reported):
+            return TrialOutcome("pruned", None, f"pruned at step {step}", step, intermediate)
+    return TrialOutcome("complete", value, None, 120, intermediate, None, "", 123_000, 245_760)
+
+
+def _study(folder: Path, trials: int, sampler: str, storage: str | None) -> StudyConfig:
+    """The quickstart's space and overrides, one stage of `trials` trials, MLflow off."""
+    raw = yaml.safe_load(QUICKSTART.read_text())
+    raw["base"] = str(QUICKSTART.parent / raw["base"])
+    raw["name"] = "overhead"
+    raw["stages"] = [
+        {
+            "name": "coarse",
+            "sampler": sampler,
+            "trials": trials,
+            "budget": {"steps": 120},
+            "pruner": {"name": "median", "startup_trials": 5, "min_resource": 40},
+        }
+    ]
+    if storage is not None:
+        raw["storage"] = storage
+    path = folder / "overhead.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return load_study(path)
+
+
+def optuna_overhead(
+    trials: int = 50,
+    *,
+    sampler: str = "tpe",
+    storage: str = "journal",
+    tracking: bool = False,
+) -> dict[str, Any]:
+    """Per-trial seconds of the Optuna backend around a no-op trainable.
+
+    storage: journal (the default journal file) or sqlite; tracking: MLflow child runs in a
+    SQLite store (the default tracking), else off.
+    """
+    import optuna
+
+    from studies.optuna_backend import run_optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    with tempfile.TemporaryDirectory() as folder:
+        root = Path(folder)
+        url = f"sqlite:///{root / 'optuna.db'}" if storage == "sqlite" else None
+        study = _study(root, trials, sampler, url)
+        tracker = None
+        if tracking:
+            from studies.mlflow_study import StudyTracker
+
+            study = study.model_copy(update={"tracking_uri": f"sqlite:///{root / 'mlflow.db'}"})
+            tracker = StudyTracker(study, resume=False, runs_dir=root / "runs")
+        CLOCK.starts.clear()
+        started = time.perf_counter()
+        run_optuna(study, runs_dir=root / "runs", workers=1, tracker=tracker, trial_fn=noop_trial)
+        total = time.perf_counter() - started
+        gaps = CLOCK.per_trial()
+    return {
+        "backend": "optuna",
+        "sampler": sampler,
+        "storage": storage,
+        "tracking": "mlflow (sqlite)" if tracking else "off",
+        "trials": trials,
+        "median_s": statistics.median(gaps),
+        "mean_s": statistics.fmean(gaps),
+        "max_s": max(gaps),
+        "total_s": total,
+    }
+
+
+BACKENDS = {"optuna": optuna_overhead}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--backend", choices=[*BACKENDS, "all"], default="all")
+    parser.add_argument("--trials", type=int, default=50)
+    parser.add_argument("--sampler", default="tpe", help="stage sampler (default tpe)")
+    args = parser.parse_args(argv)
+
+    print(f"# {' '.join([Path(sys.argv[0]).name, *(argv or sys.argv[1:])])}")
+    print(
+        f"# {dt.datetime.now().isoformat(timespec='seconds')}, {platform.node()}, "
+        f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
+        f"Python {platform.python_version()}"
+    )
+    rows: list[dict[str, Any]] = []
+    if args.backend in ("optuna", "all"):
+        for storage, tracking in (("journal", False), ("sqlite", False), ("journal", True)):
+            rows.append(
+                optuna_overhead(
+                    args.trials, sampler=args.sampler, storage=storage, tracking=tracking
+                )
+            )
+    for name, measure in BACKENDS.items():
+        if name != "optuna" and args.backend in (name, "all"):
+            rows.append(measure(args.trials))
+    print(
+        f"{'backend':8} {'sampler':8} {'storage':8} {'tracking':15} {'trials':>6} "
+        f"{'median s':>9} {'mean s':>8} {'max s':>7}"
+    )
+    for row in rows:
+        print(
+            f"{row['backend']:8} {row['sampler']:8} {row['storage']:8} {row['tracking']:15} "
+            f"{row['trials']:>6} {row['median_s']:>9.4f} {row['mean_s']:>8.4f} "
+            f"{row['max_s']:>7.3f}"
+        )
+    default = rows[0] if rows and rows[0]["backend"] == "optuna" else None
+    if default is not None:
+        verdict = "within" if default["median_s"] <= TARGET_S else "OVER"
+        print(
+            f"# Optuna backend, default storage, MLflow off: {default['median_s']:.3f} s per "
+            f"trial ({verdict} the {TARGET_S} s budget)"
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

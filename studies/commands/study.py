@@ -1,0 +1,356 @@
+"""`scaleplan study show|best|export NAME`: an existing study, read back from its storage.
+
+    scaleplan study show quickstart              # stages, counts, the best trials, failures
+    scaleplan study best quickstart > best.yaml  # the best trial's trainer config (YAML)
+    scaleplan study export quickstart --out runs.csv
+    scaleplan fit runs.csv                       # the export is a runs table
+
+NAME is a study name (its storage defaults to runs/NAME/optuna.journal) or a study file, whose
+name and storage are used. ``--storage`` names another storage (sqlite:///, postgresql://).
+
+The export has one row per trial that measured a loss (complete, and pruned at the step it
+stopped), with the runs-table columns ``params`` (parameters), ``tokens`` (tokens trained) and
+``loss`` (final validation loss), then ``study, stage, number, state, value, steps, reason,
+out_dir, run_id`` and one column per hyperparameter. ``--all`` adds failed and interrupted
+trials, with empty loss.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import csv
+import io
+import json
+import math
+import os
+import sys
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from studies.commands import output
+
+if TYPE_CHECKING:
+    from studies.sweep import StageReport
+
+RUNS_TABLE_COLUMNS = ("params", "tokens", "loss")
+TRIAL_COLUMNS = (
+    "study",
+    "stage",
+    "number",
+    "state",
+    "value",
+    "steps",
+    "reason",
+    "out_dir",
+    "run_id",
+)
+TOP_TRIALS = 5
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("action", choices=("show", "best", "export"), help="what to do")
+    parser.add_argument("name", metavar="NAME", help="study name, or its study file (YAML)")
+    parser.add_argument(
+        "--storage",
+        metavar="URL",
+        help="the study's storage (default runs/NAME/optuna.journal, or the study file's)",
+    )
+    parser.add_argument(
+        "--runs-dir", default="runs", metavar="DIR", help="where runs/NAME/ is (default runs)"
+    )
+    parser.add_argument(
+        "--out", metavar="FILE", help="export: write the CSV here (default: standard output)"
+    )
+    parser.add_argument(
+        "--all",
+        action="store_true",
+        help="export: every trial, failed and interrupted ones too (their loss is empty)",
+    )
+    parser.add_argument("--json", action="store_true", help="show, best: print JSON")
+
+
+def run(args: argparse.Namespace) -> int:
+    from studies.optuna_backend import load_stage_reports
+
+    name, storage = _locate(args.name, args.storage, Path(args.runs_dir))
+    reports = load_stage_reports(name, storage)
+    if args.action == "show":
+        return _show(name, storage, reports, args.json)
+    if args.action == "best":
+        return _best(name, reports, args.json)
+    return _export(name, reports, args.out, args.all)
+
+
+def _locate(name: str, storage: str | None, runs_dir: Path) -> tuple[str, str]:
+    """(study name, storage URL) from a name or a study file."""
+    if name.endswith((".yaml", ".yml")):
+        from studies.config import load_study
+
+        study = load_study(name)
+        return study.name, storage or study.resolved_storage(runs_dir)
+    default = str((runs_dir / name / "optuna.journal").absolute())
+    return name, storage or default
+
+
+# ---------------------------------------------------------------------------------------------
+# show
+
+
+def _show(name: str, storage: str, reports: list[StageReport], as_json: bool) -> int:
+    from studies.optuna_backend import redact, stage_direction, stage_metric
+    from studies.sweep import best_trial, ranked_trials
+
+    direction = stage_direction(reports[0])
+    metric = stage_metric(reports[0])
+    chosen = next((r for r in reversed(reports) if best_trial(r.trials, direction)), None)
+    top = ranked_trials(chosen.trials, direction)[:TOP_TRIALS] if chosen else []
+    if as_json:
+        best = top[0] if top else None
+        output.print_json(
+            _finite(
+                {
+                    "study": name,
+                    "storage": redact(storage),
+                    "metric": metric,
+                    "direction": direction,
+                    "best_value": best["value"] if best else None,
+                    "best_params": best["params"] if best else None,
+                    "stages": [r.to_dict(direction) for r in reports],
+                    "top": [_brief(t) for t in top],
+                    "failed": [_brief(t) for r in reports for t in r.trials if t["reason"]],
+                }
+            )
+        )
+        return 0
+    output.print_table(
+        f"Study {name} ({metric}, {direction}) in {redact(storage)}",
+        ["stage", "sampler", "pruner", "steps", "trials", "complete", "pruned", "failed"]
+        + ["interrupted", "best"],
+        [
+            [
+                r.name,
+                r.sampler,
+                r.pruner,
+                str(r.budget_steps),
+                f"{r.counts.finished}/{r.counts.requested}",
+                str(r.counts.complete),
+                str(r.counts.pruned),
+                str(r.counts.failed),
+                str(r.counts.interrupted),
+                _value(r.counts.best_value),
+            ]
+            for r in reports
+        ],
+    )
+    if top:
+        names = list(top[0]["params"])
+        output.print_table(
+            f"Best trials (stage {top[0]['stage']})",
+            ["#", "trial", metric, *names],
+            [
+                [str(rank), str(t["number"]), _value(t["value"])]
+                + [_param(t["params"].get(key)) for key in names]
+                for rank, t in enumerate(top, 1)
+            ],
+        )
+    failed = [t for r in reports for t in r.trials if t["state"] in ("failed", "interrupted")]
+    if failed:
+        output.print_table(
+            "Failed and interrupted trials",
+            ["stage", "trial", "state", "reason"],
+            [[t["stage"], str(t["number"]), t["state"], str(t["reason"])] for t in failed],
+        )
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------
+# best
+
+
+def _best(name: str, reports: list[StageReport], as_json: bool) -> int:
+    from studies.errors import StudyError
+    from studies.optuna_backend import stage_direction, stage_metric
+    from studies.sweep import best_trial
+
+    direction = stage_direction(reports[0])
+    metric = stage_metric(reports[0])
+    for report in reversed(reports):
+        best = best_trial(report.trials, direction)
+        if best is not None:
+            break
+    else:
+        raise StudyError(f"study: '{name}' has no complete trial yet; see `scaleplan study show`")
+    config_text = _trial_config_text(best)
+    if as_json:
+        import yaml
+
+        output.print_json(
+            _finite(
+                {
+                    "study": name,
+                    "stage": best["stage"],
+                    "number": best["number"],
+                    "metric": metric,
+                    "best_value": best["value"],
+                    "best_params": best["params"],
+                    "out_dir": best["out_dir"],
+                    "run_id": best["run_id"],
+                    "config": yaml.safe_load(config_text) if config_text else None,
+                }
+            )
+        )
+        return 0
+    header = [
+        f"# Best trial of study '{name}': stage {best['stage']}, trial {best['number']}, "
+        f"{metric} {best['value']:.6g}",
+        *(f"#   {key} = {_param(value)}" for key, value in best["params"].items()),
+    ]
+    if best["out_dir"]:
+        header.append(f"# run folder: {best['out_dir']}")
+    if not config_text:
+        header.append("# (its config.yaml is not on this machine: the parameters are above)")
+    sys.stdout.write("\n".join(header) + "\n" + config_text)
+    return 0
+
+
+def _trial_config_text(trial: dict[str, Any]) -> str:
+    if not trial.get("out_dir"):
+        return ""
+    try:
+        return (Path(trial["out_dir"]) / "config.yaml").read_text()
+    except OSError:
+        return ""
+
+
+# ---------------------------------------------------------------------------------------------
+# export
+
+
+def export_rows(name: str, reports: Sequence[StageReport], every: bool) -> list[dict[str, Any]]:
+    """One runs-table row per trial (only those with a loss unless `every`)."""
+    from studies.optuna_backend import stage_metric
+
+    loss_metric = stage_metric(reports[0]) in ("val_loss", "best_val_loss") if reports else True
+    rows = []
+    for report in reports:
+        for trial in report.trials:
+            if trial["state"] in ("running", "waiting"):
+                continue
+            loss = _final_val_loss(trial)
+            if loss is None and loss_metric:
+                loss = trial["last_value"]
+            usable = (
+                loss is not None
+                and math.isfinite(loss)
+                and bool(trial["params_count"])
+                and bool(trial["tokens"])
+            )
+            if not (usable or every):
+                continue
+            row: dict[str, Any] = {
+                "params": trial["params_count"],
+                "tokens": trial["tokens"],
+                "loss": loss if usable else None,
+                "study": name,
+                "stage": trial["stage"],
+                "number": trial["number"],
+                "state": trial["state"],
+                "value": trial["value"],
+                "steps": trial["steps"],
+                "reason": trial["reason"],
+                "out_dir": trial["out_dir"],
+                "run_id": trial["run_id"],
+            }
+            row.update(trial["params"])
+            rows.append(row)
+    return rows
+
+
+def _final_val_loss(trial: dict[str, Any]) -> float | None:
+    """The trial's last validation loss from its result.json, when it is on this machine."""
+    if not trial.get("out_dir"):
+        return None
+    try:
+        result = json.loads((Path(trial["out_dir"]) / "result.json").read_text())
+    except (OSError, ValueError):
+        return None
+    value = result.get("final_val_loss") if isinstance(result, dict) else None
+    return float(value) if isinstance(value, int | float) else None
+
+
+def _export(name: str, reports: list[StageReport], out: str | None, every: bool) -> int:
+    rows = export_rows(name, reports, every)
+    hyper: list[str] = []
+    for report in reports:
+        for key in report.space:
+            if key not in hyper:
+                hyper.append(key)
+    for row in rows:
+        hyper.extend(key for key in row if key not in hyper and _is_param_key(key))
+    columns = [*RUNS_TABLE_COLUMNS, *TRIAL_COLUMNS, *hyper]
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=columns, extrasaction="ignore", lineterminator="\n")
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({key: _cell(row.get(key)) for key in columns})
+    if out is None:
+        sys.stdout.write(buffer.getvalue())
+        return 0
+    _write_atomic(Path(out), buffer.getvalue())
+    print(f"{len(rows)} trials -> {out}", file=sys.stderr)
+    return 0
+
+
+def _is_param_key(key: str) -> bool:
+    return key not in RUNS_TABLE_COLUMNS and key not in TRIAL_COLUMNS
+
+
+def _cell(value: Any) -> Any:
+    if value is None or (isinstance(value, float) and not math.isfinite(value)):
+        return ""
+    return value
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(handle, "w") as file:
+            file.write(text)
+        os.replace(temp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(temp)
+        raise
+
+
+# ---------------------------------------------------------------------------------------------
+# Formatting
+
+
+def _brief(trial: dict[str, Any]) -> dict[str, Any]:
+    keys = ("stage", "number", "state", "value", "reason", "params", "out_dir", "run_id")
+    return {key: trial.get(key) for key in keys}
+
+
+def _value(value: float | None) -> str:
+    return "-" if value is None or not math.isfinite(value) else f"{value:.4f}"
+
+
+def _param(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return "-" if value is None else str(value)
+
+
+def _finite(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {str(k): _finite(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_finite(v) for v in value]
+    return value

@@ -1,0 +1,305 @@
+"""`scaleplan sweep`: run a study's coarse-to-fine stages, with a live view, then the summary.
+
+    scaleplan sweep studies/configs/quickstart.yaml
+    scaleplan sweep study.yaml --set stages.coarse.trials=8 --workers 2
+    scaleplan sweep study.yaml --storage postgresql://user:pw@db/optuna --workers 4
+    scaleplan sweep study.yaml --tracking-uri http://mlflow:5000 --json
+
+The same command again resumes: finished trials are kept, interrupted ones are retried.
+
+Exit status: 0 when the sweep ends with a best configuration; 1 when it ended without any
+complete trial (every reason is listed); 2 for a user mistake (a study field, an unreachable
+storage or tracking URI), always before any trial starts; 130 on ^C.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from collections import Counter
+from typing import TYPE_CHECKING, Any
+
+from studies.commands import output
+
+if TYPE_CHECKING:
+    from rich.progress import Progress, TaskID
+
+    from studies.config import ParamSpec, StageSpec
+    from studies.sweep import StageCounts, StageReport
+
+EXIT_NO_RESULT = 1
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("study", metavar="STUDY.yaml", help="study file (YAML)")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="extend",
+        nargs="+",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a study field by its dotted path, value in YAML (e.g. "
+        "stages.coarse.trials=8 space.optimizer.lr.high=1e-2 overrides.model.n_layer=4)",
+    )
+    parser.add_argument(
+        "--backend", choices=("optuna", "ray"), help="search backend (default: the study's)"
+    )
+    parser.add_argument(
+        "--storage",
+        metavar="URL",
+        help="optuna: a journal file, sqlite:///file.db or postgresql://...; ray: a folder or "
+        "s3:// URI (default runs/<study>/optuna.journal or runs/<study>/ray)",
+    )
+    parser.add_argument(
+        "--tracking-uri",
+        metavar="URI",
+        help="MLflow tracking URI (default $MLFLOW_TRACKING_URI, else sqlite:///runs/mlflow.db); "
+        "'none' turns MLflow off",
+    )
+    parser.add_argument(
+        "--workers",
+        type=int,
+        metavar="N",
+        help="trials at once (optuna: worker processes on one storage; default: the study's)",
+    )
+    parser.add_argument(
+        "--ray-address", metavar="HOST:PORT", help="ray: an existing cluster (default: local)"
+    )
+    parser.add_argument(
+        "--runs-dir", default="runs", metavar="DIR", help="where runs/<study>/ goes (default runs)"
+    )
+    parser.add_argument(
+        "--json", action="store_true", help="print the summary as JSON, without the live view"
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    from studies.sweep import NullView, prepare_study, run_sweep
+
+    study = prepare_study(
+        args.study,
+        args.overrides,
+        backend=args.backend,
+        storage=args.storage,
+        tracking_uri=args.tracking_uri,
+        workers=args.workers,
+    )
+    if args.json:
+        summary = run_sweep(
+            study,
+            runs_dir=args.runs_dir,
+            view=NullView(),
+            study_file=args.study,
+            ray_address=args.ray_address,
+        )
+        output.print_json(finite(summary))
+    else:
+        with LiveView(study.name, len(study.stages)) as view:
+            summary = run_sweep(
+                study,
+                runs_dir=args.runs_dir,
+                view=view,
+                study_file=args.study,
+                ray_address=args.ray_address,
+            )
+        print_summary(summary)
+    if summary["best_value"] is None:
+        reasons = failure_line(summary) or "no trial finished"
+        print(f"scaleplan sweep: no trial completed; {reasons}", file=sys.stderr)
+        return EXIT_NO_RESULT
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------
+# The live view
+
+
+class LiveView:
+    """One progress line per stage on stderr: trials done, by state, and the best so far."""
+
+    def __init__(self, study: str, n_stages: int) -> None:
+        from rich.console import Console
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeElapsedColumn,
+        )
+
+        self.console = Console(stderr=True)
+        self.bars: Progress = Progress(
+            TextColumn("{task.description}"),
+            BarColumn(bar_width=24),
+            MofNCompleteColumn(),
+            TextColumn("{task.fields[states]}"),
+            TextColumn("best {task.fields[best]}"),
+            TimeElapsedColumn(),
+            console=self.console,
+        )
+        self.tasks: dict[str, TaskID] = {}
+        self.study = study
+        self.n_stages = n_stages
+
+    def __enter__(self) -> LiveView:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.bars.live.is_started:
+            self.bars.stop()
+
+    def stage_started(
+        self, stage: StageSpec, index: int, space: dict[str, ParamSpec], notes: list[str]
+    ) -> None:
+        if not self.bars.live.is_started:
+            self.bars.start()
+        pruner = stage.pruner.name
+        self.bars.console.print(
+            f"[bold]{self.study}[/bold] stage {index + 1}/{self.n_stages} "
+            f"[bold]{stage.name}[/bold]: {stage.trials} trials, sampler {stage.sampler}, "
+            f"pruner {pruner}",
+            highlight=False,
+        )
+        for note in notes:
+            self.bars.console.print(f"  {note}", highlight=False, markup=False)
+        self.tasks[stage.name] = self.bars.add_task(
+            stage.name, total=stage.trials, states="", best="-"
+        )
+
+    def progress(self, stage: str, counts: StageCounts) -> None:
+        task = self.tasks.get(stage)
+        if task is None:
+            return
+        self.bars.update(
+            task,
+            completed=min(counts.finished, counts.requested),
+            states=state_text(counts),
+            best=_best_text(counts),
+        )
+
+    def stage_finished(self, report: StageReport) -> None:
+        self.progress(report.name, report.counts)
+
+    def message(self, text: str) -> None:
+        self.bars.console.print(text, highlight=False, markup=False)
+
+
+def state_text(counts: StageCounts) -> str:
+    parts = [f"complete {counts.complete}", f"pruned {counts.pruned}", f"failed {counts.failed}"]
+    if counts.running:
+        parts.append(f"running {counts.running}")
+    if counts.interrupted:
+        parts.append(f"interrupted {counts.interrupted}")
+    return "  ".join(parts)
+
+
+def _best_text(counts: StageCounts) -> str:
+    if counts.best_value is None:
+        return "-"
+    return f"{counts.best_value:.4f} (#{counts.best_number})"
+
+
+# ---------------------------------------------------------------------------------------------
+# The summary
+
+
+def print_summary(summary: dict[str, Any]) -> None:
+    """Stages, the best configurations, importances, and where everything is."""
+    metric = summary["metric"]
+    output.print_table(
+        f"Study {summary['study']}: stages",
+        ["stage", "sampler", "pruner", "steps", "trials", "complete", "pruned", "failed", "best"],
+        [
+            [
+                stage["name"],
+                stage["sampler"],
+                stage["pruner"],
+                str(stage["budget_steps"]),
+                f"{stage['n_finished']}/{stage['requested']}",
+                str(stage["n_complete"]),
+                str(stage["n_pruned"]),
+                str(stage["n_failed"]),
+                _value(stage["best_value"]),
+            ]
+            for stage in summary["stages"]
+        ],
+    )
+    top = summary["top"]
+    if top:
+        names = list(top[0]["params"])
+        output.print_table(
+            f"Best configurations (stage {top[0]['stage']}, {metric})",
+            ["#", "trial", metric, *names],
+            [
+                [str(rank), str(t["number"]), _value(t["value"])]
+                + [_param(t["params"].get(name)) for name in names]
+                for rank, t in enumerate(top, 1)
+            ],
+        )
+    importances = summary["importances"]
+    if importances:
+        output.print_table(
+            "Parameter importances (fANOVA)",
+            ["parameter", "importance"],
+            [[name, f"{value:.3f}"] for name, value in importances.items()],
+        )
+    lines = []
+    if summary["best_value"] is not None:
+        lines.append(f"best {metric}: {_value(summary['best_value'])}")
+    failures = failure_line(summary)
+    if failures:
+        lines.append(failures)
+    if summary["best_config"]:
+        lines.append(f"best config: {summary['best_config']}")
+    if summary["plots"]:
+        folder = str(summary["plots"][0]).rsplit("/", 1)[0]
+        kinds = sorted({str(p).rsplit("/", 1)[-1].rsplit(".", 1)[0] for p in summary["plots"]})
+        lines.append(f"plots: {folder}/ ({', '.join(kinds)}; PNG and HTML)")
+    if summary["mlflow_parent_run_id"]:
+        lines.append(
+            f"MLflow: experiment {summary['mlflow_experiment']}, parent run "
+            f"{summary['mlflow_parent_run_id']} at {summary['tracking_uri']}"
+        )
+        if str(summary["tracking_uri"]).startswith(("sqlite:", "file:")):
+            lines.append(f"  mlflow ui --backend-store-uri {summary['tracking_uri']}")
+    else:
+        lines.append("MLflow: off")
+    if summary.get("storage"):
+        lines.append(f"storage: {summary['storage']}")
+    print("\n".join(lines))
+
+
+def failure_line(summary: dict[str, Any]) -> str:
+    """``failed 2: diverged: non-finite loss at step 37 (1), out of memory (1)``."""
+    reasons: Counter[str] = Counter()
+    for stage in summary.get("failures", {}).values():
+        reasons.update(stage)
+    if not reasons:
+        return ""
+    listed = ", ".join(f"{reason} ({n})" for reason, n in reasons.most_common(5))
+    return f"failed {sum(reasons.values())}: {listed}"
+
+
+def _value(value: float | None) -> str:
+    return "-" if value is None or not math.isfinite(value) else f"{value:.4f}"
+
+
+def _param(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return "-" if value is None else str(value)
+
+
+def finite(value: Any) -> Any:
+    """JSON has no NaN or infinity: null instead; paths as strings."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {str(key): finite(v) for key, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [finite(v) for v in value]
+    if value is not None and not isinstance(value, str | int | float | bool):
+        return str(value)
+    return value
