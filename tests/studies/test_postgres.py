@@ -110,6 +110,9 @@ def test_killed_worker_trial_is_failed_by_heartbeat_and_retried(study_name: str)
 
         def objective(trial):
             trial.suggest_float("x", -1.0, 1.0)
+            # Optuna fails only trials that have a heartbeat row: let the heartbeat
+            # thread write its first beats before saying the trial is running.
+            time.sleep({3 * HEARTBEAT_S})
             print("running", flush=True)
             time.sleep(120)  # killed long before
             return 0.0
