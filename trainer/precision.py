@@ -64,7 +64,8 @@ def check_precision(mode: str, device: torch.device) -> None:
             )
         if importlib.util.find_spec("torchao") is None:
             raise ConfigError(
-                "precision: 'fp8' needs the torchao package (`pip install torchao`); use bf16"
+                "precision: 'fp8' needs the torchao package"
+                " (`pip install 'scaleplan[fp8]'`); use bf16"
             )
 
 
