@@ -14,6 +14,7 @@ with the machine, the date and the command.
 
     python benchmarks/trial_overhead.py                  # Optuna: about a minute on 2 CPU cores
     python benchmarks/trial_overhead.py --trials 100 --sampler sobol
+    python benchmarks/trial_overhead.py --backend ray --trials 32   # local Ray, 2 CPUs
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -140,7 +142,81 @@ def optuna_overhead(
     }
 
 
-BACKENDS = {"optuna": optuna_overhead}
+RAY_TARGET_S = 2.0  # the issue's budget for the Ray backend's per-trial overhead
+
+
+def _timed_noop_trial(
+    study: StudyConfig,
+    stage: StageSpec,
+    params: dict[str, Any],
+    *,
+    trial_id: str,
+    report: Report | None = None,
+    runs_dir: Path | None = None,
+    **_: Any,
+) -> TrialOutcome:
+    """`noop_trial` in a Ray worker: its start time (wall clock, shared by the processes of
+    one machine) goes to ``<runs_dir>/starts/<trial_id>``."""
+    assert runs_dir is not None
+    folder = Path(runs_dir) / "starts"
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / trial_id).write_text(repr(time.time()))
+    return noop_trial(study, stage, params, trial_id=trial_id, report=report)
+
+
+def ray_overhead(trials: int = 32, *, workers: int = 1, sampler: str = "tpe") -> dict[str, Any]:
+    """Per-trial seconds of the Ray Tune backend around the same no-op trainable.
+
+    A local Ray with 2 CPUs, `workers` trials at once (1: the gap between consecutive trial
+    starts is everything Tune adds to one trial: OptunaSearch, the scheduler, the actor, the
+    result round trips, the experiment saves). Ray's start-up is reported apart (``start_s``).
+    """
+    import logging
+
+    import ray
+
+    from studies.ray_backend import run_ray
+
+    # the Ray workers import this module for the trainable
+    here = str(Path(__file__).resolve().parent)
+    os.environ["PYTHONPATH"] = os.pathsep.join([here, str(REPO), os.environ.get("PYTHONPATH", "")])
+    with tempfile.TemporaryDirectory() as folder:
+        root = Path(folder)
+        study = _study(root, trials, sampler, None)
+        study = study.model_copy(
+            update={"backend": "ray", "workers": workers, "storage": str(root / "ray")}
+        )
+        started = time.perf_counter()
+        ray.init(
+            num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level=logging.ERROR
+        )
+        start_s = time.perf_counter() - started
+        try:
+            started = time.perf_counter()
+            run_ray(study, runs_dir=root / "runs", workers=workers, trial_fn=_timed_noop_trial)
+            total = time.perf_counter() - started
+        finally:
+            ray.shutdown()
+        starts = sorted(float(p.read_text()) for p in (root / "runs" / "starts").iterdir())
+    gaps = [b - a for a, b in zip(starts, starts[1:], strict=False)]
+    return {
+        "backend": "ray",
+        "sampler": sampler,
+        "storage": "folder",
+        "tracking": f"off, {workers} at once",
+        "trials": trials,
+        "median_s": statistics.median(gaps),
+        "mean_s": statistics.fmean(gaps),
+        "max_s": max(gaps),
+        "total_s": total,
+        "start_s": start_s,
+    }
+
+
+BACKENDS: dict[str, Callable[..., dict[str, Any]]] = {
+    "optuna": optuna_overhead,
+    "ray": ray_overhead,
+}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -177,6 +253,14 @@ def main(argv: list[str] | None = None) -> int:
             f"{row['trials']:>6} {row['median_s']:>9.4f} {row['mean_s']:>8.4f} "
             f"{row['max_s']:>7.3f}"
         )
+    for row in rows:
+        if row["backend"] == "ray":
+            verdict = "within" if row["median_s"] <= RAY_TARGET_S else "OVER"
+            print(
+                f"# Ray backend: {row['median_s']:.3f} s per trial ({verdict} the "
+                f"{RAY_TARGET_S} s budget); {row['total_s'] / row['trials']:.3f} s with the "
+                f"stage's set-up spread over its trials; Ray start-up {row['start_s']:.1f} s"
+            )
     default = rows[0] if rows and rows[0]["backend"] == "optuna" else None
     if default is not None:
         verdict = "within" if default["median_s"] <= TARGET_S else "OVER"

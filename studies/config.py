@@ -67,6 +67,7 @@ __all__ = [
     "ObjectiveSpec",
     "ParamSpec",
     "PrunerSpec",
+    "RayOptions",
     "StageSpec",
     "StudyConfig",
     "budget_steps",
@@ -373,6 +374,43 @@ class ObjectiveSpec(BaseModel):
         return self
 
 
+class RayOptions(BaseModel):
+    """Ray Tune settings (backend ray): what each trial reserves, and the local Ray's size."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    cpus_per_trial: float = Field(
+        default=1.0, gt=0, description="CPUs Ray reserves for each trial (fractions allowed)."
+    )
+    gpus_per_trial: float = Field(
+        default=0.0,
+        ge=0,
+        description="GPUs each trial reserves; a fraction shares one GPU (0.5: two trials per "
+        "GPU); above 1, a whole number.",
+    )
+    num_cpus: int | None = Field(
+        default=None,
+        ge=1,
+        description="CPUs of the local Ray the sweep starts; None: all of this machine's. Not "
+        "used with --ray-address (the cluster has its own).",
+    )
+    num_gpus: int | None = Field(
+        default=None,
+        ge=0,
+        description="GPUs of the local Ray the sweep starts; None: those it finds. Not used "
+        "with --ray-address.",
+    )
+
+    @model_validator(mode="after")
+    def _whole_gpus_above_one(self) -> RayOptions:
+        if self.gpus_per_trial > 1 and not float(self.gpus_per_trial).is_integer():
+            raise ValueError(
+                f"gpus_per_trial: {self.gpus_per_trial} is above 1 but not a whole number; "
+                "use a fraction below 1 or a whole number of GPUs"
+            )
+        return self
+
+
 class StudyConfig(BaseModel):
     """A coarse-to-fine sweep over a trainer config."""
 
@@ -414,6 +452,11 @@ class StudyConfig(BaseModel):
         default=1, ge=1, description="Trials run at once (optuna: processes; ray: concurrent)."
     )
     seed: int = Field(default=0, description="Seeds the samplers (stage i uses seed + i).")
+    ray: RayOptions | None = Field(
+        default=None,
+        description="backend ray: resources per trial and the local Ray's size; None: "
+        "defaults (1 CPU per trial, no GPU).",
+    )
 
     _base_raw: dict[str, Any] | None = PrivateAttr(default=None)
 

@@ -305,6 +305,7 @@ def run_sweep(
                 view=view,
                 tracker=tracker,
                 ray_address=ray_address,
+                trial_fn=trial_fn,
             )
         else:
             from studies.optuna_backend import run_optuna

@@ -1,0 +1,1112 @@
+"""The Ray Tune backend: each stage is a Tune experiment; Optuna's samplers choose, Tune stops.
+
+The same study file as the Optuna backend, run by Ray Tune on a local Ray (started here, sized
+by the study's ``ray`` block) or a cluster (``--ray-address host:6379``):
+
+- Search: `OptunaSearch` with the stage's sampler (`studies.stages.make_sampler`) over the
+  stage's space, define-by-run so conditions stay exact, behind a `ConcurrencyLimiter` of
+  ``workers`` trials. A stage with ``narrow`` gets its space from the stage before it
+  (`studies.stages.narrow_space`), and the best earlier trials inside it run first
+  (``points_to_evaluate``). Trials are numbered by their Optuna trial number, so their folders
+  are ``runs/<study>/trials/<stage>-<number>`` as with the Optuna backend.
+- Stopping: OptunaSearch always uses Optuna's no-op pruner, so a Tune scheduler does it, on
+  the trainer step: asha -> `ASHAScheduler`; hyperband -> ASHA with several brackets (the
+  asynchronous Hyperband; Ray's `HyperBandScheduler` pauses trials, which a trainable without
+  checkpoints cannot resume); median -> `MedianStoppingRule` (never pausing); none -> FIFO.
+- A trial: a function trainable that calls `studies.objective.run_trial`; each evaluation is
+  ``tune.report({"objective", "step"})``. A scheduler stops a trial by raising `SystemExit`
+  inside that call: the trial's `report` then answers True, the trainer stops cleanly and the
+  trial is *pruned*. A trial that finishes reports its outcome once more (state, value,
+  reason; no ``step``, so the schedulers ignore it).
+- Resources: ``ray.cpus_per_trial`` and ``ray.gpus_per_trial`` (a fraction shares a GPU) via
+  `tune.with_resources`. Actors are reused between trials (a new worker process per trial
+  costs about 2 s on 2 CPU cores; a reused one about 0.03 s).
+- Failures are data: a trial whose run_trial says failed (divergence, an exception, out of
+  memory) or that dies in Ray itself (a crashed worker: ``FailureConfig(max_failures=0)``) is
+  a failed trial with its reason, and the study goes on.
+- Resume: Tune saves the experiment every second, through a filesystem whose files appear
+  whole or not at all; the same command after a kill or ^C restores each unfinished stage
+  (`Tuner.restore`), keeps its finished and failed trials, runs the ones that were running
+  again (their earlier MLflow runs are ended as interrupted) and ends with exactly the
+  requested number. A stage's settings are kept beside it (``scaleplan_stage.json``); a
+  changed space, budget or trial count is an error, as with the Optuna backend.
+- MLflow: the driver's `StudyTracker` parent run; trials in Ray worker processes nest their
+  child runs through `parent_run_id` and the study's absolute tracking URI; after each stage
+  the driver tags each trial's run with its state, reason and params (`record_trial`).
+
+On a cluster, every node needs scaleplan installed (and a custom `trial_fn` importable) and
+the storage must be shared (NFS, or ``storage: s3://...``); so should ``runs_dir`` (the trial
+folders).
+
+Ray is imported inside the functions, so importing this module is cheap.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import functools
+import json
+import logging
+import math
+import os
+import warnings
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from types import SimpleNamespace
+from typing import TYPE_CHECKING, Any
+
+from studies.config import (
+    ParamSpec,
+    PrunerSpec,
+    RayOptions,
+    StageSpec,
+    StudyConfig,
+    budget_steps,
+    trial_config,
+)
+from studies.errors import StudyError
+from studies.objective import TrialOutcome, trial_dir
+from studies.space import active_params
+from studies.sweep import NullView, StageCounts, StageReport, SweepView, count_trials
+
+if TYPE_CHECKING:
+    from studies.mlflow_study import StudyTracker
+
+__all__ = [
+    "META_FILE",
+    "NUMBER_KEY",
+    "experiment_name",
+    "make_scheduler",
+    "run_ray",
+    "trial_record",
+    "trial_resources",
+]
+
+NUMBER_KEY = "_scaleplan_number"  # the trial's number in its stage, added to each Tune config
+META_FILE = "scaleplan_stage.json"  # a stage's settings, space and notes, in its experiment dir
+# a reused actor waits this long for a stopped trial to finish writing before the next trial
+REUSE_WAIT_S = 120
+# Tune saves the experiment (trial states, searcher) at most this often: a killed sweep runs
+# again only the trials that finished in the last second
+SAVE_PERIOD_S = 1
+INTERRUPTED = "interrupted"
+
+TrialFn = Callable[..., TrialOutcome]
+
+
+# ---------------------------------------------------------------------------------------------
+# Settings
+
+
+def experiment_name(study: StudyConfig, stage: StageSpec) -> str:
+    """``<study>-<stage>``: the Tune experiment's folder under the storage."""
+    return f"{study.name}-{stage.name}"
+
+
+def trial_resources(study: StudyConfig) -> dict[str, float]:
+    """What each trial reserves: ``{"cpu": c, "gpu": g}`` (gpu left out when 0)."""
+    options = study.ray or RayOptions()
+    resources = {"cpu": float(options.cpus_per_trial)}
+    if options.gpus_per_trial > 0:
+        resources["gpu"] = float(options.gpus_per_trial)
+    return resources
+
+
+def make_scheduler(pruner: PrunerSpec, max_steps: int, first_eval_step: int) -> Any:
+    """The Tune scheduler for a stage's pruner; time is the trainer step (``step``).
+
+    asha: `ASHAScheduler` (grace period: ``min_resource``, else the first evaluation step);
+    hyperband: ASHA with the brackets Hyperband would use, log_rf(max / min) + 1; median:
+    `MedianStoppingRule` (warm-up: ``min_resource``; ``startup_trials`` trials must reach a
+    step before one is stopped there); none: FIFO. None of them stops a trial that reached
+    the end of its budget, and none pauses one.
+    """
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+
+    grace = min(max(1, pruner.min_resource or first_eval_step), max_steps)
+    if pruner.name in ("asha", "hyperband"):
+        brackets = 1
+        if pruner.name == "hyperband":
+            ratio = max_steps / grace
+            brackets = int(math.floor(math.log(ratio, pruner.reduction_factor) + 1e-9)) + 1
+        return ASHAScheduler(
+            time_attr="step",
+            max_t=max_steps,
+            grace_period=grace,
+            reduction_factor=pruner.reduction_factor,
+            brackets=max(1, brackets),
+            stop_last_trials=False,
+        )
+    if pruner.name == "median":
+        return _tune_classes().MedianRule(
+            time_attr="step",
+            grace_period=pruner.min_resource or 0,
+            min_samples_required=max(1, pruner.startup_trials),
+            hard_stop=True,
+        )
+    return FIFOScheduler()
+
+
+@functools.cache
+def _tune_classes() -> SimpleNamespace:
+    """Ray subclasses, defined on first use so that importing this module skips Ray."""
+    from ray.tune import Callback
+    from ray.tune.schedulers import MedianStoppingRule, TrialScheduler
+    from ray.tune.search.optuna import OptunaSearch
+
+    class NumberedOptunaSearch(OptunaSearch):
+        """OptunaSearch that adds each trial's Optuna number to its config (NUMBER_KEY), and
+        tells Optuna each trial's state as the Optuna backend would: a trial the scheduler
+        stopped is PRUNED (OptunaSearch says COMPLETE, with the value where it stopped, as if
+        at the full budget), a failed one FAIL (OptunaSearch leaves it RUNNING)."""
+
+        def suggest(self, trial_id: str) -> dict[str, Any] | None:
+            config = super().suggest(trial_id)
+            if isinstance(config, dict):
+                config[NUMBER_KEY] = int(self._ot_trials[trial_id].number)
+            return config
+
+        def on_trial_complete(
+            self, trial_id: str, result: dict | None = None, error: bool = False
+        ) -> None:
+            if trial_id in self._completed_trials or trial_id not in self._ot_trials:
+                super().on_trial_complete(trial_id, result, error)
+                return
+            from optuna.trial import TrialState
+
+            result = result or {}
+            value = result.get("value")
+            if "state" not in result and not error:  # the scheduler stopped it
+                state, value = TrialState.PRUNED, None
+            elif result.get("state") == "complete" and not error and _finite(value):
+                state = TrialState.COMPLETE
+            elif result.get("state") == "pruned" and not error:
+                state, value = TrialState.PRUNED, None
+            else:  # failed in run_trial, or in Ray
+                state, value = TrialState.FAIL, None
+            study: Any = self._ot_study
+            with contextlib.suppress(Exception):  # as OptunaSearch does: never stop the study
+                study.tell(self._ot_trials[trial_id], value, state=state)
+            self._completed_trials.add(trial_id)
+
+    class MedianRule(MedianStoppingRule):
+        """MedianStoppingRule that never pauses (a function trainable without checkpoints
+        would start over) and ignores results without a step (a trial's final outcome)."""
+
+        def _on_insufficient_samples(self, tune_controller: Any, trial: Any, time: float) -> str:
+            return str(TrialScheduler.CONTINUE)
+
+        def on_trial_complete(self, tune_controller: Any, trial: Any, result: dict) -> None:
+            if self._time_attr in result and self._metric in result:
+                super().on_trial_complete(tune_controller, trial, result)
+
+    class Progress(Callback):
+        """Shows a stage's counts as trials start and end (through `_LIVE`, by key: a restored
+        experiment's callback is unpickled, and must reach this process's view)."""
+
+        def __init__(self, key: str) -> None:
+            self.key = key
+
+        def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+            self._show(trials)
+
+        def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+            self._show(trials)
+
+        def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+            self._show(trials)
+
+        def _show(self, trials: list) -> None:
+            show = _LIVE.get(self.key)
+            if show is not None:
+                show(trials)
+
+    classes = SimpleNamespace(
+        NumberedOptunaSearch=NumberedOptunaSearch,
+        MedianRule=MedianRule,
+        TuneProgress=Progress,
+        AtomicLocalHandler=_atomic_local_handler(),
+    )
+    for name, cls in vars(classes).items():
+        # pickled by reference (module attribute, through `__getattr__`), not by value
+        cls.__name__ = cls.__qualname__ = name
+        cls.__module__ = __name__
+    return classes
+
+
+def __getattr__(name: str) -> Any:
+    """The Ray subclasses as module attributes, so that pickles name them (a Tune experiment
+    saves its searcher, scheduler and callbacks; workers get the storage filesystem)."""
+    if name in _RAY_CLASSES:
+        return getattr(_tune_classes(), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+_RAY_CLASSES = ("NumberedOptunaSearch", "MedianRule", "TuneProgress", "AtomicLocalHandler")
+
+
+def _atomic_local_handler() -> type:
+    """A pyarrow filesystem handler: the local filesystem, except that a file written appears
+    whole or not at all (a temp file beside it, renamed on close).
+
+    Tune copies its experiment state into the storage folder again and again; a sweep killed
+    in the middle of a copy left an empty searcher state there, and the restore then hung.
+    Object stores (s3://, gs://) write whole objects already.
+    """
+    import uuid
+
+    import pyarrow
+    import pyarrow.fs
+
+    class AtomicFile:
+        """What `open_output_stream` writes through: a temp file renamed over `path` on close."""
+
+        def __init__(self, path: str) -> None:
+            head, tail = os.path.split(path)
+            self.path = path
+            self.tmp = os.path.join(head, f".{tail}.{uuid.uuid4().hex[:8]}.tmp")
+            self.file = open(self.tmp, "wb")  # noqa: SIM115 - closed (and renamed) in close()
+            self.closed = False
+
+        def write(self, data: Any) -> int:
+            return self.file.write(data)
+
+        def flush(self) -> None:
+            self.file.flush()
+
+        def writable(self) -> bool:
+            return True
+
+        def readable(self) -> bool:
+            return False
+
+        def seekable(self) -> bool:
+            return False
+
+        def tell(self) -> int:
+            return self.file.tell()
+
+        def close(self) -> None:
+            if self.closed:
+                return
+            self.closed = True
+            self.file.close()
+            os.replace(self.tmp, self.path)
+
+    class AtomicLocalHandler(pyarrow.fs.FileSystemHandler):
+        def __init__(self) -> None:
+            self.local = pyarrow.fs.LocalFileSystem()
+
+        def __eq__(self, other: object) -> bool:
+            return type(other) is type(self)
+
+        def __ne__(self, other: object) -> bool:
+            return not self == other
+
+        def __hash__(self) -> int:
+            return hash(type(self).__name__)
+
+        def get_type_name(self) -> str:
+            return "scaleplan-atomic-local"
+
+        def normalize_path(self, path: str) -> str:
+            return str(self.local.normalize_path(path))
+
+        def get_file_info(self, paths: list[str]) -> Any:
+            return self.local.get_file_info(paths)
+
+        def get_file_info_selector(self, selector: Any) -> Any:
+            return self.local.get_file_info(selector)
+
+        def create_dir(self, path: str, recursive: bool) -> None:
+            self.local.create_dir(path, recursive=recursive)
+
+        def delete_dir(self, path: str) -> None:
+            self.local.delete_dir(path)
+
+        def delete_dir_contents(self, path: str, missing_dir_ok: bool = False) -> None:
+            self.local.delete_dir_contents(path, missing_dir_ok=missing_dir_ok)
+
+        def delete_root_dir_contents(self) -> None:
+            raise OSError("scaleplan: refusing to delete the contents of /")
+
+        def delete_file(self, path: str) -> None:
+            self.local.delete_file(path)
+
+        def move(self, src: str, dest: str) -> None:
+            self.local.move(src, dest)
+
+        def copy_file(self, src: str, dest: str) -> None:
+            with self.local.open_input_stream(src) as source:
+                stream = self.open_output_stream(dest, None)
+                try:
+                    while chunk := source.read(1 << 20):
+                        stream.write(chunk)
+                finally:
+                    stream.close()
+
+        def open_input_stream(self, path: str) -> Any:
+            return self.local.open_input_stream(path)
+
+        def open_input_file(self, path: str) -> Any:
+            return self.local.open_input_file(path)
+
+        def open_output_stream(self, path: str, metadata: Any) -> Any:
+            return pyarrow.PythonFile(AtomicFile(path), mode="w")
+
+        def open_append_stream(self, path: str, metadata: Any) -> Any:
+            return self.local.open_append_stream(path, metadata=metadata)
+
+    return AtomicLocalHandler
+
+
+def _storage_filesystem(storage: str) -> Any:
+    """The filesystem Tune writes the storage through: atomic writes for a local folder; None
+    (Tune's own) for a URI."""
+    if "://" in storage:
+        return None
+    import pyarrow.fs
+
+    return pyarrow.fs.PyFileSystem(_tune_classes().AtomicLocalHandler())
+
+
+# experiment key -> the function that shows its live trials (this process's view)
+_LIVE: dict[str, Callable[[list[Any]], None]] = {}
+
+
+# ---------------------------------------------------------------------------------------------
+# The sweep
+
+
+@dataclass(frozen=True)
+class _TrialContext:
+    """What a trial needs in a Ray worker (picklable; handed over by `tune.with_parameters`)."""
+
+    study: StudyConfig
+    index: int
+    space: dict[str, ParamSpec]
+    runs_dir: Path
+    parent_run_id: str | None
+    trial_fn: TrialFn | None
+    cwd: str
+
+    @property
+    def stage(self) -> StageSpec:
+        return self.study.stages[self.index]
+
+
+def run_ray(
+    study: StudyConfig,
+    *,
+    runs_dir: str | Path = "runs",
+    workers: int | None = None,
+    view: SweepView | None = None,
+    tracker: StudyTracker | None = None,
+    ray_address: str | None = None,
+    trial_fn: TrialFn | None = None,
+) -> list[StageReport]:
+    """Run every stage of `study` as a Ray Tune experiment (restoring unfinished ones).
+
+    `workers` trials run at once (None: the study's ``workers``), each reserving the study's
+    ``ray`` resources. `ray_address` connects to a running cluster; None starts a local Ray
+    (``ray.num_cpus`` / ``ray.num_gpus``) and shuts it down at the end. `trial_fn` replaces
+    `studies.objective.run_trial` (same signature; it must be importable by the workers).
+    """
+    import optuna
+
+    view = view or NullView()
+    runs = Path(runs_dir).absolute()
+    storage = _storage(study, runs)
+    started = _start_ray(study, ray_address)
+    previous_level = optuna.logging.get_verbosity()
+    # a failed trial reaches Optuna as NaN: it records FAIL, and says so at WARNING level
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
+    try:
+        if ray_address and "://" not in storage:
+            view.message(
+                f"storage {storage} is a local folder: on a cluster of several machines use "
+                "shared storage (NFS, or s3:// / gs://)"
+            )
+        reports: list[StageReport] = []
+        previous: StageReport | None = None
+        for index in range(len(study.stages)):
+            report = _run_stage(
+                study,
+                index,
+                previous,
+                storage=storage,
+                runs_dir=runs,
+                workers=workers or study.workers,
+                view=view,
+                tracker=tracker,
+                trial_fn=trial_fn,
+            )
+            reports.append(report)
+            previous = report
+        return reports
+    finally:
+        optuna.logging.set_verbosity(previous_level)
+        if started:
+            import ray
+
+            ray.shutdown()
+
+
+def _storage(study: StudyConfig, runs_dir: Path) -> str:
+    """The study's Tune storage: a URI, or an absolute folder (default runs/<study>/ray)."""
+    storage = study.resolved_storage(runs_dir)
+    if "://" in storage:
+        return storage.rstrip("/")
+    return str(Path(storage).expanduser().absolute())
+
+
+def _start_ray(study: StudyConfig, ray_address: str | None) -> bool:
+    """Connect to `ray_address`, or start a local Ray; True when this call started it."""
+    import ray
+
+    if ray.is_initialized():
+        return False
+    options = study.ray or RayOptions()
+    address = ray_address or os.environ.get("RAY_ADDRESS") or None
+    kwargs: dict[str, Any] = {
+        "include_dashboard": False,
+        "log_to_driver": False,
+        "logging_level": logging.ERROR,
+    }
+    if address:
+        kwargs["address"] = address
+    else:
+        kwargs.update(num_cpus=options.num_cpus, num_gpus=options.num_gpus)
+    try:
+        ray.init(**kwargs)
+    except Exception as error:
+        where = f"ray_address: {address}" if address else "ray: the local Ray"
+        raise StudyError(f"{where} could not be started or reached ({_one_line(error)})") from None
+    try:
+        _check_resources(study, ray.cluster_resources(), local=not address)
+    except BaseException:
+        ray.shutdown()
+        raise
+    return True
+
+
+def _check_resources(study: StudyConfig, available: Mapping[str, float], local: bool) -> None:
+    """A trial that asks for more than the whole (local) Ray has would wait forever."""
+    if not local:  # a cluster may add nodes on demand
+        return
+    for key, field in (("cpu", "cpus_per_trial"), ("gpu", "gpus_per_trial")):
+        wanted = trial_resources(study).get(key, 0.0)
+        have = float(available.get(key.upper(), 0.0))
+        if wanted > have:
+            raise StudyError(
+                f"ray.{field}: {wanted:g} per trial, but the local Ray has {have:g}; lower it "
+                f"or raise ray.num_{key}s"
+            )
+
+
+@contextlib.contextmanager
+def _quiet_tune() -> Iterator[None]:
+    """Tune as a part of the sweep: its progress tables and error logs off (the view and the
+    records say it all); the experiment saved every `SAVE_PERIOD_S`; ^C a KeyboardInterrupt,
+    as everywhere else (Tune's own handler would end the running trials as if they had
+    finished, and the sweep would go on to the next stage)."""
+    settings = {
+        "RAY_AIR_NEW_OUTPUT": "0",
+        "TUNE_GLOBAL_CHECKPOINT_S": str(SAVE_PERIOD_S),
+        "TUNE_DISABLE_SIGINT_HANDLER": "1",
+    }
+    saved = {key: os.environ.get(key) for key in settings}
+    os.environ.update(settings)
+    loggers = [logging.getLogger(name) for name in ("ray.tune", "ray.train", "ray.air")]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.CRITICAL)
+    try:
+        with warnings.catch_warnings():
+            # Optuna's first Sobol or TPE suggestion can take a second: not a user mistake
+            warnings.filterwarnings("ignore", message="Define-by-run function passed")
+            yield
+    finally:
+        for logger, level in zip(loggers, levels, strict=True):
+            logger.setLevel(level)
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+# ---------------------------------------------------------------------------------------------
+# One stage
+
+
+def _stage_steps(study: StudyConfig, stage: StageSpec) -> tuple[int, int]:
+    """(steps of the stage's budget, the first evaluation step) under the base config."""
+    config = trial_config(study, {}, stage.budget)
+    steps = budget_steps(config, stage.budget)
+    first_eval = config.eval_every if config.eval_every and config.eval_every > 0 else steps
+    return steps, min(first_eval, steps)
+
+
+def _run_stage(
+    study: StudyConfig,
+    index: int,
+    previous: StageReport | None,
+    *,
+    storage: str,
+    runs_dir: Path,
+    workers: int,
+    view: SweepView,
+    tracker: StudyTracker | None,
+    trial_fn: TrialFn | None,
+) -> StageReport:
+    from ray import tune
+
+    stage = study.stages[index]
+    name = experiment_name(study, stage)
+    path = f"{storage}/{name}"
+    direction = study.objective.direction or "minimize"
+    steps, first_eval = _stage_steps(study, stage)
+    meta = _read_meta(path)
+    if meta is not None:
+        _check_meta(study, index, meta, steps, path)
+        space = _space_from_json(meta["space"])
+        notes = list(meta.get("notes") or [])
+        warm: list[dict[str, Any]] = list(meta.get("warm_starts") or [])
+    else:
+        space, warm, notes = _stage_space(study, index, previous, direction)
+        meta = {
+            "index": index,
+            "stage": stage.name,
+            "study": study.name,
+            "sampler": stage.sampler,
+            "pruner": stage.pruner.name,
+            "trials": stage.trials,
+            "budget_steps": steps,
+            "metric": study.objective.metric,
+            "direction": direction,
+            "space": _space_to_json(space),
+            "notes": notes,
+            "warm_starts": warm,
+            "recorded": False,
+        }
+        _write_meta(path, meta)
+    view.stage_started(stage, index, space, notes)
+
+    ctx = _TrialContext(
+        study=study,
+        index=index,
+        space=space,
+        runs_dir=runs_dir,
+        parent_run_id=tracker.parent_run_id if tracker is not None else None,
+        trial_fn=trial_fn,
+        cwd=os.getcwd(),
+    )
+    trainable = tune.with_resources(
+        tune.with_parameters(_trial_main, ctx=ctx), trial_resources(study)
+    )
+    _LIVE[name] = lambda trials: view.progress(
+        stage.name, _live_counts(trials, stage.trials, direction)
+    )
+    try:
+        with _quiet_tune():
+            filesystem = _storage_filesystem(storage)
+            if tune.Tuner.can_restore(path, storage_filesystem=filesystem):
+                _check_saved_state(path)
+                tuner = tune.Tuner.restore(
+                    path,
+                    trainable,
+                    resume_errored=False,
+                    restart_errored=False,
+                    storage_filesystem=filesystem,
+                )
+                # finished trials stay; the unfinished run again (a finished stage: no-op)
+                grid = tuner.fit()
+            else:
+                tuner = _new_tuner(study, index, space, warm, trainable, storage, workers)
+                grid = tuner.fit()
+    finally:
+        _LIVE.pop(name, None)
+    if _finished(grid) < stage.trials:
+        # Tune stops early only when interrupted (^C): the stage resumes on the next run
+        raise KeyboardInterrupt(
+            f"stage {stage.name}: {_finished(grid)} of {stage.trials} trials finished"
+        )
+    configs = _trial_configs(grid)
+    trials = sorted(
+        (
+            trial_record(grid[i], study, stage.name, space, runs_dir, configs)
+            for i in range(len(grid))
+        ),
+        key=lambda record: int(record["number"]),
+    )
+    if tracker is not None and not meta.get("recorded"):
+        for record in trials:
+            tracker.record_trial(
+                _outcome(record), number=record["number"], stage=stage.name, params=record["params"]
+            )
+        _write_meta(path, {**meta, "recorded": True})
+    report = StageReport(
+        name=stage.name,
+        index=index,
+        sampler=stage.sampler,
+        pruner=stage.pruner.name,
+        budget_steps=steps,
+        space=space,
+        notes=notes,
+        counts=count_trials(trials, stage.trials, direction),
+        trials=trials,
+        source=None,
+    )
+    view.stage_finished(report)
+    return report
+
+
+def _stage_space(
+    study: StudyConfig, index: int, previous: StageReport | None, direction: str
+) -> tuple[dict[str, ParamSpec], list[dict[str, Any]], list[str]]:
+    """(space, warm starts, notes) of a stage started now."""
+    from studies.config import space_limits
+    from studies.stages import narrow_space
+
+    stage = study.stages[index]
+    if previous is None:
+        return dict(study.space), [], []
+    if stage.narrow is None:
+        return dict(previous.space), [], [f"space of stage {previous.name} kept"]
+    scored = [(t["params"], t["value"]) for t in previous.trials if t["state"] == "complete"]
+    space, warm, notes = narrow_space(
+        previous.space,
+        scored,
+        stage.narrow,
+        "maximize" if direction == "maximize" else "minimize",
+        space_limits(study),
+    )
+    return space, warm[: stage.trials], notes
+
+
+def _new_tuner(
+    study: StudyConfig,
+    index: int,
+    space: dict[str, ParamSpec],
+    warm: list[dict[str, Any]],
+    trainable: Any,
+    storage: str,
+    workers: int,
+) -> Any:
+    from ray import tune
+    from ray.tune.search import ConcurrencyLimiter
+
+    from studies.space import optuna_define_by_run
+    from studies.stages import make_sampler
+
+    stage = study.stages[index]
+    steps, first_eval = _stage_steps(study, stage)
+    mode = "max" if study.objective.direction == "maximize" else "min"
+    startup = max(1, min(10, stage.trials // 2)) if stage.sampler in ("tpe", "gp") else None
+    sampler = make_sampler(stage.sampler, study.seed + index, space, startup_trials=startup)
+    searcher = _tune_classes().NumberedOptunaSearch(
+        space=optuna_define_by_run(space),
+        metric="objective",
+        mode=mode,
+        sampler=sampler,
+        points_to_evaluate=warm or None,
+    )
+    name = experiment_name(study, stage)
+    return tune.Tuner(
+        trainable,
+        tune_config=tune.TuneConfig(
+            search_alg=ConcurrencyLimiter(searcher, max_concurrent=workers),
+            scheduler=make_scheduler(stage.pruner, steps, first_eval),
+            metric="objective",
+            mode=mode,
+            num_samples=stage.trials,
+            reuse_actors=True,
+            trial_dirname_creator=_trial_dirname,
+        ),
+        run_config=tune.RunConfig(
+            storage_path=storage,
+            storage_filesystem=_storage_filesystem(storage),
+            name=name,
+            verbose=0,
+            failure_config=tune.FailureConfig(max_failures=0),
+            callbacks=[_tune_classes().TuneProgress(name)],
+        ),
+    )
+
+
+def _trial_dirname(trial: Any) -> str:
+    return f"trial_{trial.trial_id}"
+
+
+def _finished(grid: Any) -> int:
+    """Trials of a result grid that ended (terminated or errored)."""
+    return int(grid.num_terminated) + int(grid.num_errors)
+
+
+def _live_counts(trials: Sequence[Any], requested: int, direction: str) -> StageCounts:
+    """Counts from Tune's live trial objects (for the progress view)."""
+    records = []
+    for trial in trials:
+        last = trial.last_result or {}
+        if trial.status == "TERMINATED":
+            state = str(last["state"]) if "state" in last else "pruned"
+        elif trial.status == "ERROR":
+            state = "failed"
+        elif trial.status == "RUNNING":
+            state = "running"
+        else:
+            continue
+        records.append(
+            {
+                "number": int(trial.config.get(NUMBER_KEY, -1)),
+                "state": state,
+                "value": last.get("value") if state == "complete" else None,
+            }
+        )
+    return count_trials(records, requested, direction)
+
+
+# ---------------------------------------------------------------------------------------------
+# One trial, in a Ray worker
+
+
+def _trial_main(config: dict[str, Any], ctx: _TrialContext) -> None:
+    """The function trainable: run_trial with a `report` that Tune's scheduler can stop."""
+    from ray import tune
+
+    # a reused actor gives a stopped trial this long to end its run before the next trial
+    os.environ["TUNE_FUNCTION_THREAD_TIMEOUT_S"] = str(REUSE_WAIT_S)
+    if ctx.cwd and os.path.isdir(ctx.cwd):  # Tune moved us to its trial folder
+        os.chdir(ctx.cwd)
+    stage = ctx.stage
+    number = int(config[NUMBER_KEY])
+    params = active_params(ctx.space, config)
+    trial_id = f"{stage.name}-{number}"
+    _end_interrupted_run(ctx, trial_id, number)
+    stopped = False
+
+    def report(step: int, value: float) -> bool:
+        nonlocal stopped
+        if not stopped:
+            try:
+                tune.report({"objective": float(value), "step": int(step)})
+            except SystemExit:  # the scheduler stops this trial: prune it
+                stopped = True
+        return stopped
+
+    tags = {
+        "study": ctx.study.name,
+        "stage": stage.name,
+        "number": str(number),
+        "scaleplan.kind": "trial",
+        "backend": "ray",
+    }
+    if ctx.trial_fn is None:
+        from studies.objective import run_trial
+
+        trial_fn: TrialFn = run_trial
+    else:
+        trial_fn = ctx.trial_fn
+    outcome = trial_fn(
+        ctx.study,
+        stage,
+        params,
+        trial_id=trial_id,
+        report=report,
+        parent_run_id=ctx.parent_run_id,
+        tags=tags,
+        runs_dir=ctx.runs_dir,
+    )
+    if stopped:
+        # end the thread as Tune expects of a stopped trial; returning would make Tune's
+        # wrapper wait for a reply that never comes, and a reused actor would not be freed
+        raise SystemExit(0)
+    tune.report(_final_metrics(outcome))
+
+
+def _final_metrics(outcome: TrialOutcome) -> dict[str, Any]:
+    """The last report of a trial that ran to its end: its outcome. The objective is NaN
+    unless complete (OptunaSearch then records the trial as failed); no ``step``."""
+    value = outcome.value if outcome.state == "complete" else None
+    return {
+        "objective": float(value) if value is not None else math.nan,
+        "state": outcome.state,
+        "value": value,
+        "reason": outcome.reason or "",
+        "steps": int(outcome.steps),
+        "tokens": outcome.tokens,
+        "params_count": outcome.params_count,
+        "out_dir": outcome.out_dir,
+        "run_id": outcome.run_id or "",
+    }
+
+
+def _end_interrupted_run(ctx: _TrialContext, trial_id: str, number: int) -> None:
+    """A trial run again after a kill: its earlier attempt's MLflow run (never recorded by
+    the driver: no ``state`` tag) is ended KILLED with state and reason "interrupted"
+    (run_trial then replaces the trial's folder)."""
+    if ctx.parent_run_id is None:
+        return
+    run_id = _read_run_id(trial_dir(ctx.study, trial_id, ctx.runs_dir))
+    if run_id is None:
+        return
+    try:
+        from trainer.tracking import open_client, resolve_tracking_uri, retry_locked
+
+        client = open_client(resolve_tracking_uri(ctx.study.tracking_uri))
+        run = retry_locked(client.get_run, run_id)
+        if "state" in run.data.tags:  # the driver recorded it: not this study's attempt
+            return
+        for key, value in (
+            ("state", INTERRUPTED),
+            ("reason", INTERRUPTED),
+            ("stage", ctx.stage.name),
+            ("number", str(number)),
+        ):
+            retry_locked(client.set_tag, run_id, key, value)
+        retry_locked(client.set_terminated, run_id, "KILLED")
+    except Exception:  # MLflow trouble never stops a trial
+        return
+
+
+# ---------------------------------------------------------------------------------------------
+# Results as records
+
+
+def trial_record(
+    result: Any,
+    study: StudyConfig,
+    stage: str,
+    space: Mapping[str, ParamSpec],
+    runs_dir: Path,
+    configs: Mapping[str, Mapping[str, Any]] | None = None,
+) -> dict[str, Any]:
+    """A Tune `Result` as the backend-independent record of `studies.sweep.StageReport`.
+
+    Errored (a Ray-level failure): failed, with the error's type and first line. Reported an
+    outcome: its state. Neither: stopped by the scheduler, so pruned. `configs` (trial path ->
+    config) stands in for a result that never reported, whose own config is empty.
+    """
+    config = result.config or (configs or {}).get(str(getattr(result, "path", ""))) or {}
+    number = int(config.get(NUMBER_KEY, -1))
+    params = active_params(space, config)
+    metrics = result.metrics or {}
+    intermediate = _intermediate(result)
+    out_dir = str(trial_dir(study, f"{stage}-{number}", runs_dir))
+    last_step = intermediate[-1][0] if intermediate else 0
+    last_value = intermediate[-1][1] if intermediate else None
+    value: float | None = None
+    reason: str | None
+    if result.error is not None:
+        state, reason, steps = "failed", _error_reason(result.error), last_step
+    elif "state" in metrics:
+        state = str(metrics["state"])
+        reason = str(metrics.get("reason") or "") or None
+        steps = int(metrics.get("steps") or last_step)
+        if state == "complete" and _finite(metrics.get("value")):
+            value = float(metrics["value"])
+        elif state == "complete":
+            state, reason = "failed", f"no {study.objective.metric} was reported"
+        out_dir = str(metrics.get("out_dir") or out_dir)
+    else:
+        state, steps = "pruned", last_step
+        shown = f" ({study.objective.metric} {last_value:.4g})" if last_value is not None else ""
+        reason = f"pruned at step {last_step}{shown}"
+    return {
+        "number": number,
+        "stage": stage,
+        "state": state,
+        "value": value,
+        "last_value": value if value is not None else last_value,
+        "params": params,
+        "reason": reason,
+        "steps": steps,
+        "tokens": _int_or_none(metrics.get("tokens")) if "state" in metrics else None,
+        "params_count": _int_or_none(metrics.get("params_count")) if "state" in metrics else None,
+        "out_dir": out_dir,
+        "run_id": str(metrics.get("run_id") or "") or _read_run_id(Path(out_dir)),
+        "intermediate": intermediate,
+        "started": _started(result),
+        "tune_trial_id": str(metrics.get("trial_id") or "") or None,
+    }
+
+
+def _trial_configs(grid: Any) -> dict[str, dict[str, Any]]:
+    """Trial path -> the config Tune gave it (a trial whose worker died before its first
+    report has no config in its `Result`)."""
+    try:
+        trials = grid._experiment_analysis.trials
+        return {str(trial.path): dict(trial.config) for trial in trials}
+    except Exception:  # a Ray without that attribute: the results' own configs only
+        return {}
+
+
+def _intermediate(result: Any) -> list[tuple[int, float]]:
+    """(step, objective) of every evaluation a trial reported."""
+    frame = result.metrics_dataframe
+    if frame is None or "step" not in frame or "objective" not in frame:
+        return []
+    points = []
+    for step, value in zip(frame["step"], frame["objective"], strict=True):
+        if _finite(step) and _finite(value):
+            points.append((int(step), float(value)))
+    return points
+
+
+def _started(result: Any) -> str | None:
+    frame = result.metrics_dataframe
+    if frame is None or "timestamp" not in frame or not len(frame):
+        return None
+    first = frame.iloc[0]
+    seconds = float(first["timestamp"]) - float(first.get("time_total_s", 0.0) or 0.0)
+    return dt.datetime.fromtimestamp(seconds).isoformat()
+
+
+def _outcome(record: Mapping[str, Any]) -> TrialOutcome:
+    return TrialOutcome(
+        state=record["state"],
+        value=record["value"],
+        reason=record["reason"],
+        steps=int(record["steps"] or 0),
+        intermediate=list(record["intermediate"]),
+        run_id=record["run_id"],
+        out_dir=record["out_dir"] or "",
+        params_count=record["params_count"],
+        tokens=record["tokens"],
+    )
+
+
+def _error_reason(error: BaseException) -> str:
+    """``Type: first line`` of the error inside Ray's wrapper (RayTaskError, TuneError)."""
+    cause = error
+    for _ in range(5):
+        inner = getattr(cause, "cause", None) or cause.__cause__
+        if not isinstance(inner, BaseException) or inner is cause:
+            break
+        cause = inner
+    return _one_line(cause)
+
+
+# ---------------------------------------------------------------------------------------------
+# The stage's settings beside its experiment
+
+
+def _space_to_json(space: Mapping[str, ParamSpec]) -> dict[str, Any]:
+    return {n: s.model_dump(mode="json", exclude_defaults=True) for n, s in space.items()}
+
+
+def _space_from_json(raw: Mapping[str, Any]) -> dict[str, ParamSpec]:
+    return {name: ParamSpec.model_validate(spec) for name, spec in raw.items()}
+
+
+def _check_meta(
+    study: StudyConfig, index: int, meta: Mapping[str, Any], steps: int, path: str
+) -> None:
+    """A restored stage must be the one the study file describes now."""
+    stage = study.stages[index]
+    if index == 0 and _space_from_json(meta.get("space") or {}) != study.space:
+        raise StudyError(
+            f"space: differs from the one study '{study.name}' was started with in {path}; "
+            "give the study another name or storage"
+        )
+    for field, now in (("budget", steps), ("trials", stage.trials)):
+        key = "budget_steps" if field == "budget" else field
+        if meta.get(key) != now:
+            raise StudyError(
+                f"stages.{stage.name}.{field}: {now}, but the stage was started with "
+                f"{meta.get(key)} in {path}; give the study another name or storage"
+            )
+
+
+def _check_saved_state(path: str) -> None:
+    """The newest saved experiment and searcher state must load, else Tune's restore would
+    fail half-way (and hang); a StudyError says which stage folder to remove instead."""
+    import pickle
+
+    fs, root = _filesystem(path)
+    import pyarrow.fs
+
+    names = [info.base_name for info in fs.get_file_info(pyarrow.fs.FileSelector(root))]
+    for prefix, load in (
+        ("experiment_state-", json.loads),
+        ("searcher-state-", pickle.loads),
+    ):
+        found = sorted(n for n in names if n.startswith(prefix))
+        if not found:
+            continue
+        try:
+            with fs.open_input_stream(f"{root}/{found[-1]}") as stream:
+                load(stream.read())
+        except Exception as error:
+            raise StudyError(
+                f"storage: {path}/{found[-1]} is damaged ({_one_line(error)}); delete {path} "
+                "to run that stage again"
+            ) from None
+
+
+def _filesystem(path: str) -> tuple[Any, str]:
+    import pyarrow.fs
+
+    fs, root = pyarrow.fs.FileSystem.from_uri(path)
+    return fs, str(root)
+
+
+def _read_meta(path: str) -> dict[str, Any] | None:
+    fs, root = _filesystem(path)
+    try:
+        with fs.open_input_stream(f"{root}/{META_FILE}") as stream:
+            payload = json.loads(stream.read().decode())
+    except (OSError, FileNotFoundError, ValueError):
+        return None
+    return payload if isinstance(payload, dict) else None
+
+
+def _write_meta(path: str, meta: Mapping[str, Any]) -> None:
+    """Written whole: a temp file renamed (local), or one object (object stores)."""
+    text = json.dumps(meta, indent=2) + "\n"
+    if "://" not in path:
+        folder = Path(path)
+        folder.mkdir(parents=True, exist_ok=True)
+        tmp = folder / f".{META_FILE}.tmp"
+        tmp.write_text(text)
+        os.replace(tmp, folder / META_FILE)
+        return
+    fs, root = _filesystem(path)
+    fs.create_dir(root, recursive=True)
+    with fs.open_output_stream(f"{root}/{META_FILE}") as stream:
+        stream.write(text.encode())
+
+
+# ---------------------------------------------------------------------------------------------
+# Small helpers
+
+
+def _read_run_id(out_dir: Path) -> str | None:
+    try:
+        record = json.loads((out_dir / "tracking.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return str(record["run_id"]) if isinstance(record, dict) and record.get("run_id") else None
+
+
+def _finite(value: Any) -> bool:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        try:
+            value = float(value)
+        except (TypeError, ValueError):
+            return False
+    return math.isfinite(value)
+
+
+def _int_or_none(value: Any) -> int | None:
+    return int(value) if _finite(value) else None
+
+
+def _one_line(error: BaseException, limit: int = 300) -> str:
+    text = str(error).strip()
+    first = text.splitlines()[0].strip() if text else ""
+    line = f"{type(error).__name__}: {first}" if first else type(error).__name__
+    return line if len(line) <= limit else line[: limit - 3] + "..."
