@@ -39,14 +39,35 @@ def with_band(row: dict[str, Any], key: str, fmt: Any) -> str:
 
 
 def print_json(payload: Any) -> None:
-    json.dump(payload, sys.stdout, indent=2, allow_nan=False, default=_jsonable)
+    json.dump(json_ready(payload), sys.stdout, indent=2, allow_nan=False)
     sys.stdout.write("\n")
 
 
-def _jsonable(value: Any) -> Any:
-    if hasattr(value, "tolist"):
-        return value.tolist()
-    raise TypeError(f"{type(value).__name__} is not JSON serialisable")
+def json_ready(value: Any) -> Any:
+    """JSON has no NaN or infinity: null instead; arrays as lists, paths and the like as text."""
+    if hasattr(value, "tolist"):  # numpy arrays and scalars
+        value = value.tolist()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {str(key): json_ready(v) for key, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [json_ready(v) for v in value]
+    if value is not None and not isinstance(value, str | int | float | bool):
+        return str(value)
+    return value
+
+
+def metric(value: float | None) -> str:
+    """An objective value in a table: 4 decimals, '-' when missing or not finite."""
+    return "-" if value is None or not math.isfinite(value) else f"{value:.4f}"
+
+
+def param(value: Any) -> str:
+    """A hyperparameter value in a table."""
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return "-" if value is None else str(value)
 
 
 def print_table(

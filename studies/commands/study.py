@@ -110,7 +110,7 @@ def _show(name: str, storage: str, reports: list[StageReport], as_json: bool) ->
     if as_json:
         best = top[0] if top else None
         output.print_json(
-            _finite(
+            output.json_ready(
                 {
                     "study": name,
                     "storage": redact(storage),
@@ -140,7 +140,7 @@ def _show(name: str, storage: str, reports: list[StageReport], as_json: bool) ->
                 str(r.counts.pruned),
                 str(r.counts.failed),
                 str(r.counts.interrupted),
-                _value(r.counts.best_value),
+                output.metric(r.counts.best_value),
             ]
             for r in reports
         ],
@@ -151,8 +151,8 @@ def _show(name: str, storage: str, reports: list[StageReport], as_json: bool) ->
             f"Best trials (stage {top[0]['stage']})",
             ["#", "trial", metric, *names],
             [
-                [str(rank), str(t["number"]), _value(t["value"])]
-                + [_param(t["params"].get(key)) for key in names]
+                [str(rank), str(t["number"]), output.metric(t["value"])]
+                + [output.param(t["params"].get(key)) for key in names]
                 for rank, t in enumerate(top, 1)
             ],
         )
@@ -188,7 +188,7 @@ def _best(name: str, reports: list[StageReport], as_json: bool) -> int:
         import yaml
 
         output.print_json(
-            _finite(
+            output.json_ready(
                 {
                     "study": name,
                     "stage": best["stage"],
@@ -206,7 +206,7 @@ def _best(name: str, reports: list[StageReport], as_json: bool) -> int:
     header = [
         f"# Best trial of study '{name}': stage {best['stage']}, trial {best['number']}, "
         f"{metric} {best['value']:.6g}",
-        *(f"#   {key} = {_param(value)}" for key, value in best["params"].items()),
+        *(f"#   {key} = {output.param(value)}" for key, value in best["params"].items()),
     ]
     if best["out_dir"]:
         header.append(f"# run folder: {best['out_dir']}")
@@ -334,23 +334,3 @@ def _write_atomic(path: Path, text: str) -> None:
 def _brief(trial: dict[str, Any]) -> dict[str, Any]:
     keys = ("stage", "number", "state", "value", "reason", "params", "out_dir", "run_id")
     return {key: trial.get(key) for key in keys}
-
-
-def _value(value: float | None) -> str:
-    return "-" if value is None or not math.isfinite(value) else f"{value:.4f}"
-
-
-def _param(value: Any) -> str:
-    if isinstance(value, float):
-        return f"{value:.4g}"
-    return "-" if value is None else str(value)
-
-
-def _finite(value: Any) -> Any:
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {str(k): _finite(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_finite(v) for v in value]
-    return value

@@ -15,7 +15,6 @@ storage or tracking URI), always before any trial starts; 130 on ^C.
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 from collections import Counter
 from typing import TYPE_CHECKING, Any
@@ -94,7 +93,7 @@ def run(args: argparse.Namespace) -> int:
             study_file=args.study,
             ray_address=args.ray_address,
         )
-        output.print_json(finite(summary))
+        output.print_json(summary)
     else:
         with LiveView(study.name, len(study.stages)) as view:
             summary = run_sweep(
@@ -221,7 +220,7 @@ def print_summary(summary: dict[str, Any]) -> None:
                 str(stage["n_complete"]),
                 str(stage["n_pruned"]),
                 str(stage["n_failed"]),
-                _value(stage["best_value"]),
+                output.metric(stage["best_value"]),
             ]
             for stage in summary["stages"]
         ],
@@ -233,8 +232,8 @@ def print_summary(summary: dict[str, Any]) -> None:
             f"Best configurations (stage {top[0]['stage']}, {metric})",
             ["#", "trial", metric, *names],
             [
-                [str(rank), str(t["number"]), _value(t["value"])]
-                + [_param(t["params"].get(name)) for name in names]
+                [str(rank), str(t["number"]), output.metric(t["value"])]
+                + [output.param(t["params"].get(name)) for name in names]
                 for rank, t in enumerate(top, 1)
             ],
         )
@@ -247,7 +246,7 @@ def print_summary(summary: dict[str, Any]) -> None:
         )
     lines = []
     if summary["best_value"] is not None:
-        lines.append(f"best {metric}: {_value(summary['best_value'])}")
+        lines.append(f"best {metric}: {output.metric(summary['best_value'])}")
     failures = failure_line(summary)
     if failures:
         lines.append(failures)
@@ -280,26 +279,3 @@ def failure_line(summary: dict[str, Any]) -> str:
         return ""
     listed = ", ".join(f"{reason} ({n})" for reason, n in reasons.most_common(5))
     return f"failed {sum(reasons.values())}: {listed}"
-
-
-def _value(value: float | None) -> str:
-    return "-" if value is None or not math.isfinite(value) else f"{value:.4f}"
-
-
-def _param(value: Any) -> str:
-    if isinstance(value, float):
-        return f"{value:.4g}"
-    return "-" if value is None else str(value)
-
-
-def finite(value: Any) -> Any:
-    """JSON has no NaN or infinity: null instead; paths as strings."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {str(key): finite(v) for key, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [finite(v) for v in value]
-    if value is not None and not isinstance(value, str | int | float | bool):
-        return str(value)
-    return value

@@ -50,7 +50,6 @@ def run(args: argparse.Namespace) -> int:
     from trainer.config import config_error, load_config
     from trainer.errors import ConfigError
     from trainer.loop import train
-    from trainer.tracking import json_safe
 
     if args.resume and args.out is None:
         raise ConfigError("--resume needs --out DIR: the folder of the run to continue")
@@ -60,7 +59,7 @@ def run(args: argparse.Namespace) -> int:
         raise config_error(exc) from None
     if args.json:
         result = train(config, out_dir=args.out, resume=args.resume)
-        output.print_json(json_safe(result.to_dict()))
+        output.print_json(result.to_dict())
     else:
         with _ProgressBar(config.steps) as bar:
             result = train(config, [bar.update], out_dir=args.out, resume=args.resume)
