@@ -1,7 +1,7 @@
 """Optuna's RDB storage on a real PostgreSQL server: the storage a multi-machine sweep uses.
 
 `.ci/run` starts a throwaway server and sets SCALEPLAN_TEST_POSTGRES_URL
-(``postgresql+psycopg2://user:password@127.0.0.1:PORT/db``); without it these tests skip.
+(``postgresql+psycopg://user:password@127.0.0.1:PORT/db``); without it these tests skip.
 They use Optuna directly, so they hold whatever backend drives the storage: several workers
 share one study, and a worker killed mid-trial has its trial failed by the heartbeat and
 retried with the same parameters.
