@@ -21,6 +21,7 @@ import pytest
 import torch
 import yaml
 from optuna.trial import TrialState
+from tiny_study import TINY_BASE
 
 from studies import optuna_backend
 from studies.config import StudyConfig, load_study
@@ -45,20 +46,6 @@ pytestmark = [
     pytest.mark.filterwarnings("ignore:Heartbeat of storage is supposed:UserWarning"),
 ]
 
-TINY_BASE: dict[str, Any] = {
-    "seed": 0,
-    "steps": 20,
-    "log_every": 5,
-    "eval_every": 5,
-    "eval_batches": 2,
-    "checkpoint_every": 0,
-    "model": {"kind": "gpt", "n_layer": 1, "n_head": 2, "d_model": 16},
-    "data": {"kind": "stdlib", "block_size": 32, "batch_size": 4, "max_bytes": 200_000},
-    "optimizer": {"name": "adamw", "lr": 3e-3, "betas": [0.9, 0.95]},
-    "schedule": {"name": "cosine", "warmup_steps": 2},
-    "diagnostics": {"per_layer": False, "activations": False},
-    "tracking": {"enabled": False},
-}
 TWO_STAGES: list[dict[str, Any]] = [
     {
         "name": "coarse",

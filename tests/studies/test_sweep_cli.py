@@ -13,25 +13,12 @@ from typing import Any
 import pytest
 import torch
 import yaml
+from tiny_study import TINY_BASE
 
 from planner.runs import load_runs
 from studies.cli import main
 from trainer.config import parse_config
 
-TINY_BASE: dict[str, Any] = {
-    "seed": 0,
-    "steps": 20,
-    "log_every": 5,
-    "eval_every": 5,
-    "eval_batches": 2,
-    "checkpoint_every": 0,
-    "model": {"kind": "gpt", "n_layer": 1, "n_head": 2, "d_model": 16},
-    "data": {"kind": "stdlib", "block_size": 32, "batch_size": 4, "max_bytes": 200_000},
-    "optimizer": {"name": "adamw", "lr": 3e-3, "betas": [0.9, 0.95]},
-    "schedule": {"name": "cosine", "warmup_steps": 2},
-    "diagnostics": {"per_layer": False, "activations": False},
-    "tracking": {"enabled": False},
-}
 STUDY: dict[str, Any] = {
     "name": "tiny",
     "base": "base.yaml",
