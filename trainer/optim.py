@@ -320,6 +320,24 @@ def _adam(amsgrad: bool) -> Builder:
     return build
 
 
+def _decoupled_flag(optimizer: type[torch.optim.Optimizer]) -> Builder:
+    """NAdam and RAdam: Adam's arguments, with decoupled decay as a constructor flag."""
+
+    def build(
+        groups: list[ParamGroup], config: OptimizerConfig, decoupled: bool
+    ) -> torch.optim.Optimizer:
+        return optimizer(
+            groups,  # type: ignore[call-arg]
+            lr=config.lr,
+            betas=_betas(config, (0.9, 0.999)),
+            eps=config.eps or 1e-8,
+            decoupled_weight_decay=decoupled,
+            **_kernel(config),
+        )
+
+    return build
+
+
 def _kernel(config: OptimizerConfig) -> dict[str, Any]:
     """torch's foreach/fused switches; validity is checked against `_Spec.kernels` up front."""
     return {
@@ -379,32 +397,8 @@ _SPECS: dict[str, _Spec] = {
     "adam": _Spec(_adam(amsgrad=False), "l2", ("l2", "decoupled"), ("foreach", "fused")),
     "adamw": _Spec(_adam(amsgrad=False), "decoupled", ("l2", "decoupled"), ("foreach", "fused")),
     "amsgrad": _Spec(_adam(amsgrad=True), "decoupled", ("l2", "decoupled"), ("foreach", "fused")),
-    "nadam": _Spec(
-        lambda g, c, decoupled: torch.optim.NAdam(
-            g,
-            lr=c.lr,
-            betas=_betas(c, (0.9, 0.999)),
-            eps=c.eps or 1e-8,
-            decoupled_weight_decay=decoupled,
-            **_kernel(c),
-        ),
-        "l2",
-        ("l2", "decoupled"),
-        ("foreach",),
-    ),
-    "radam": _Spec(
-        lambda g, c, decoupled: torch.optim.RAdam(
-            g,
-            lr=c.lr,
-            betas=_betas(c, (0.9, 0.999)),
-            eps=c.eps or 1e-8,
-            decoupled_weight_decay=decoupled,
-            **_kernel(c),
-        ),
-        "l2",
-        ("l2", "decoupled"),
-        ("foreach",),
-    ),
+    "nadam": _Spec(_decoupled_flag(torch.optim.NAdam), "l2", ("l2", "decoupled"), ("foreach",)),
+    "radam": _Spec(_decoupled_flag(torch.optim.RAdam), "l2", ("l2", "decoupled"), ("foreach",)),
     "adafactor": _Spec(
         lambda g, c, _: torch.optim.Adafactor(g, lr=c.lr, eps=(c.eps, 1e-3), **_kernel(c)),
         "decoupled",
