@@ -24,7 +24,8 @@ Counting: a stage is done when its *finished* trials (complete + pruned + failed
 requested number. Failed trials are data and count; trials that were interrupted (their
 process died, or ^C) do not: they are marked ``interrupted`` and another trial takes their
 place. Values measured at different budgets are not comparable, so the best configuration is
-the best complete trial of the last stage that has one.
+the best complete trial of the last stage that has one, or of any stage trained with the same
+budget (`comparable_trials`).
 """
 
 from __future__ import annotations
@@ -49,10 +50,12 @@ __all__ = [
     "StageReport",
     "SweepView",
     "best_trial",
+    "comparable_trials",
     "count_trials",
     "prepare_study",
     "preflight",
     "run_sweep",
+    "run_sweep_reports",
     "summarise",
     "tracking_enabled",
 ]
@@ -278,6 +281,27 @@ def run_sweep(
 
     `trial_fn` replaces `studies.objective.run_trial` (benchmarks use a no-op trainable).
     """
+    summary, _ = run_sweep_reports(
+        study,
+        runs_dir=runs_dir,
+        view=view,
+        study_file=study_file,
+        ray_address=ray_address,
+        trial_fn=trial_fn,
+    )
+    return summary
+
+
+def run_sweep_reports(
+    study: StudyConfig,
+    *,
+    runs_dir: str | Path = "runs",
+    view: SweepView | None = None,
+    study_file: str | Path | None = None,
+    ray_address: str | None = None,
+    trial_fn: Any = None,
+) -> tuple[dict[str, Any], list[StageReport]]:
+    """`run_sweep`, with the stage reports (every trial's record) beside the summary."""
     from studies.mlflow_study import StudyTracker
 
     runs = Path(runs_dir)
@@ -326,7 +350,7 @@ def run_sweep(
         raise
     summary = summarise(study, reports, tracker, runs)
     summary["wall_seconds"] = time.perf_counter() - started
-    return summary
+    return summary, reports
 
 
 def _has_results(study: StudyConfig, runs_dir: Path) -> bool:
@@ -349,8 +373,9 @@ def summarise(
     chosen = next(
         (r for r in reversed(reports) if best_trial(r.trials, direction) is not None), None
     )
-    best = best_trial(chosen.trials, direction) if chosen is not None else None
-    top = ranked_trials(chosen.trials, direction)[:TOP_TRIALS] if chosen is not None else []
+    comparable = comparable_trials(reports, chosen)
+    best = best_trial(comparable, direction)
+    top = ranked_trials(comparable, direction)[:TOP_TRIALS]
     out_dir = runs_dir / study.name
     artifacts: dict[str, Any] = {"plots": [], "importances": {}, "best_config": None, "notes": []}
     if tracker is not None:
@@ -379,6 +404,7 @@ def summarise(
         "n_pruned": totals.pruned,
         "n_failed": totals.failed,
         "n_interrupted": totals.interrupted,
+        "trial_steps": sum(int(t.get("steps") or 0) for r in reports for t in r.trials),
         "mlflow_experiment": tracker.experiment_name if active and tracker else None,
         "mlflow_parent_run_id": tracker.parent_run_id if active and tracker else None,
         "tracking_uri": tracker.tracking_uri if active and tracker else None,
@@ -393,6 +419,16 @@ def summarise(
         "stages": [report.to_dict(direction) for report in reports],
         "failures": {report.name: _failure_reasons(report.trials) for report in reports},
     }
+
+
+def comparable_trials(
+    reports: Sequence[StageReport], chosen: StageReport | None
+) -> list[dict[str, Any]]:
+    """The trials of every stage trained with `chosen`'s budget (the last stage with a complete
+    trial): their values compare; a shorter stage's do not."""
+    if chosen is None:
+        return []
+    return [t for r in reports if r.budget_steps == chosen.budget_steps for t in r.trials]
 
 
 def _failure_reasons(trials: Sequence[dict[str, Any]]) -> dict[str, int]:
@@ -434,11 +470,11 @@ def _best_config_yaml(
 
         from studies.config import trial_config
 
-        spec = next(s for s in study.stages if s.name == stage.name)
+        spec = next(s for s in study.stages if s.name == best["stage"])
         config = trial_config(study, best["params"], spec.budget)
         body = yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)
     header = (
-        f"# Best configuration of study '{study.name}': stage {stage.name}, trial "
+        f"# Best configuration of study '{study.name}': stage {best['stage']}, trial "
         f"{best['number']}, {study.objective.metric} {best['value']:.6g}\n"
         "#   scaleplan train best_config.yaml --out runs/train/best\n"
     )

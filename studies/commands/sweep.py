@@ -4,8 +4,11 @@
     scaleplan sweep study.yaml --set stages.coarse.trials=8 --workers 2
     scaleplan sweep study.yaml --storage postgresql://user:pw@db/optuna --workers 4
     scaleplan sweep study.yaml --tracking-uri http://mlflow:5000 --json
+    scaleplan sweep studies/configs/optimizers.yaml --arms adamw lion   # a comparison
 
-The same command again resumes: finished trials are kept, interrupted ones are retried.
+The same command again resumes: finished trials are kept, interrupted ones are retried. A
+comparison file (one with ``arms``, see `studies.compare`) runs its study once per arm, then
+prints the best of each arm side by side.
 
 Exit status: 0 when the sweep ends with a best configuration; 1 when it ended without any
 complete trial (every reason is listed); 2 for a user mistake (a study field, an unreachable
@@ -70,13 +73,25 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--runs-dir", default="runs", metavar="DIR", help="where runs/<study>/ goes (default runs)"
     )
     parser.add_argument(
+        "--arms",
+        nargs="+",
+        metavar="ARM",
+        help="comparison files: run only these arms (default: all)",
+    )
+    parser.add_argument(
         "--json", action="store_true", help="print the summary as JSON, without the live view"
     )
 
 
 def run(args: argparse.Namespace) -> int:
+    from studies.compare import is_comparison
+    from studies.errors import StudyError
     from studies.sweep import NullView, prepare_study, run_sweep
 
+    if is_comparison(args.study):
+        return run_comparison(args)
+    if args.arms:
+        raise StudyError(f"--arms: {args.study} is a study, not a comparison (it has no arms)")
     study = prepare_study(
         args.study,
         args.overrides,
@@ -109,6 +124,78 @@ def run(args: argparse.Namespace) -> int:
         print(f"scaleplan sweep: no trial completed; {reasons}", file=sys.stderr)
         return EXIT_NO_RESULT
     return 0
+
+
+def run_comparison(args: argparse.Namespace) -> int:
+    """A comparison file: each arm's study with its live view, then the comparison table."""
+    from studies.compare import load_comparison
+    from studies.compare import run_comparison as run_arms
+
+    config, studies = load_comparison(
+        args.study,
+        args.overrides,
+        arms=args.arms,
+        backend=args.backend,
+        storage=args.storage,
+        tracking_uri=args.tracking_uri,
+        workers=args.workers,
+    )
+    summary = run_arms(
+        config,
+        studies,
+        runs_dir=args.runs_dir,
+        view_for=None if args.json else lambda study: LiveView(study.name, len(study.stages)),
+        comparison_file=args.study,
+        ray_address=args.ray_address,
+    )
+    if args.json:
+        output.print_json(summary)
+    else:
+        print_comparison(summary)
+    if summary["winner"] is None:
+        print("scaleplan sweep: no arm has a complete trial", file=sys.stderr)
+        return EXIT_NO_RESULT
+    return 0
+
+
+def print_comparison(summary: dict[str, Any]) -> None:
+    """The arms best first, with the gap to the best and the best parameters."""
+    metric = summary["metric"]
+    rows = summary["arms"]
+    names = sorted({name for row in rows for name in row["best_params"]})
+    best = rows[0]["best_value"]
+    output.print_table(
+        f"Comparison {summary['comparison']}: best {metric} of each arm, same budget",
+        ["#", "arm", metric, "gap", *names, "complete", "pruned", "failed", "trial-steps"],
+        [
+            [
+                str(rank),
+                row["arm"],
+                output.metric(row["best_value"]),
+                _gap(row["best_value"], best),
+                *[output.param(row["best_params"].get(name)) for name in names],
+                str(row["n_complete"]),
+                str(row["n_pruned"]),
+                str(row["n_failed"]),
+                str(row["trial_steps"]),
+            ]
+            for rank, row in enumerate(rows, 1)
+        ],
+    )
+    lines = [f"table: {summary['table']}", f"plot: {summary['plot']}"]
+    if summary["mlflow_experiment"]:
+        lines.append(
+            f"MLflow: experiment {summary['mlflow_experiment']} at {summary['tracking_uri']}, "
+            "one parent run per arm"
+        )
+    lines.append(f"an arm's trials: scaleplan study show {rows[0]['study']}")
+    print("\n".join(lines))
+
+
+def _gap(value: float | None, best: float | None) -> str:
+    if value is None or best is None:
+        return "-"
+    return "-" if value == best else f"{value - best:+.4f}"
 
 
 # ---------------------------------------------------------------------------------------------
