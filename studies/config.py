@@ -83,7 +83,7 @@ __all__ = [
 Choice = str | int | float | bool | None
 ParamType = Literal["float", "int", "categorical"]
 SamplerName = Literal["sobol", "random", "tpe", "gp", "cmaes"]
-PrunerName = Literal["asha", "hyperband", "median", "none"]
+PrunerName = Literal["asha", "hyperband", "median", "pbt", "none"]
 MetricName = Literal["val_loss", "best_val_loss", "val_accuracy"]
 Direction = Literal["minimize", "maximize"]
 # metric -> the direction that improves it
@@ -258,19 +258,50 @@ class PrunerSpec(BaseModel):
     name: PrunerName = Field(
         default="none",
         description="asha: asynchronous successive halving; hyperband; median: stop below the "
-        "median of earlier trials at the same step; none.",
+        "median of earlier trials at the same step; pbt: Population Based Training (backend "
+        "ray): the worst trials continue from the best ones' checkpoints with perturbed "
+        "hyperparameters; none.",
     )
     min_resource: int | None = Field(
         default=None,
         ge=1,
         description="Steps a trial always gets before it can be stopped (asha, hyperband: the "
-        "first rung; median: warm-up steps); None: the pruner's default.",
+        "first rung; median: warm-up steps; pbt: steps before the first exploit); None: the "
+        "pruner's default.",
     )
     reduction_factor: int = Field(
         default=3, ge=2, description="asha, hyperband: 1/this of the trials go on at each rung."
     )
     startup_trials: int = Field(
         default=5, ge=0, description="median: trials that finish before any is stopped."
+    )
+    interval: int | None = Field(
+        default=None,
+        ge=1,
+        description="pbt: steps between a trial's exploit/explore decisions, each at the first "
+        "evaluation this many steps after the last (and a checkpoint there for others to copy); "
+        "None: every evaluation (eval_every).",
+    )
+    quantile: float = Field(
+        default=0.25,
+        gt=0.0,
+        le=0.5,
+        description="pbt: the bottom fraction of the running trials that copy a trial of the "
+        "top fraction (weights, optimiser state, step) and perturb its hyperparameters.",
+    )
+    resample_probability: float = Field(
+        default=0.25,
+        ge=0.0,
+        le=1.0,
+        description="pbt: chance that a copied hyperparameter is drawn afresh from the space "
+        "instead of perturbed (numbers x 0.8 or x 1.2, kept inside the range; choices: a "
+        "neighbouring one).",
+    )
+    synchronous: bool = Field(
+        default=True,
+        description="pbt: decide for the whole population at once, when every running trial has "
+        "reached the step (each waits, paused, for the others), so that losses are compared at "
+        "equal steps; false: each trial on its own, against the others' latest results.",
     )
 
     @model_validator(mode="before")
@@ -471,6 +502,12 @@ class StudyConfig(BaseModel):
                 f"stages.0.narrow: stage '{names[0]}' is the first; there is no earlier stage "
                 "to narrow from"
             )
+        for i, stage in enumerate(self.stages):
+            if stage.pruner.name == "pbt" and self.backend != "ray":
+                raise StudyError(
+                    f"stages.{i}.pruner.name: pbt needs backend: ray (backend is "
+                    f"{self.backend}); with {self.backend} use asha, hyperband, median or none"
+                )
         _check_conditions(self.space)
         condition_order(self.space)
         _check_location("storage", self.storage, _storage_schemes(self.backend))

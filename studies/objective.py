@@ -38,7 +38,7 @@ import json
 import math
 import re
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -100,10 +100,17 @@ def run_trial(
     parent_run_id: str | None = None,
     tags: dict[str, str] | None = None,
     runs_dir: Path | None = None,
+    callbacks: Sequence[Callable[[StepInfo], None]] = (),
+    resume: bool = False,
+    start_from: Path | None = None,
 ) -> TrialOutcome:
     """Train `study`'s base config with `params` for `stage`'s budget; never raises for the
     trial's own failures (see the module docstring). `report(step, value)` is called at each
-    evaluation with the objective; returning True prunes the trial."""
+    evaluation with the objective; returning True prunes the trial.
+
+    For PBT (`studies.ray_backend`): `callbacks` run before the reporter at each step;
+    `resume` continues this trial's own folder; `start_from` starts from another trial's
+    checkpoint under this trial's hyperparameters (``trainer.train(start_from=...)``)."""
     out_dir = trial_dir(study, trial_id, runs_dir)
     metric = study.objective.metric
     intermediate: list[tuple[int, float]] = []
@@ -112,10 +119,18 @@ def run_trial(
         from trainer.loop import train
 
         config = _with_study_tracking(study, trial_config(study, params, stage.budget))
-        if out_dir.exists():  # an earlier attempt's leftovers: the id is this trial's now
+        if out_dir.exists() and not resume:  # an earlier attempt's: the id is this trial's now
             shutil.rmtree(out_dir)
         callback = _Reporter(metric, report, intermediate, config.steps)
-        result = train(config, [callback], out_dir=out_dir, parent_run_id=parent_run_id, tags=tags)
+        result = train(
+            config,
+            [*callbacks, callback],
+            out_dir=out_dir,
+            resume=resume,
+            start_from=start_from,
+            parent_run_id=parent_run_id,
+            tags=tags,
+        )
     except Exception as error:
         return _failed(out_dir, intermediate, _error_reason(error))
     return _outcome(result, metric, intermediate, out_dir)

@@ -922,15 +922,22 @@ def load_stage_reports(name: str, storage_url: str) -> list[StageReport]:
 
 
 def stage_direction(report: StageReport) -> str:
-    source = report.source
-    meta = source.user_attrs.get(STAGE_ATTR) if source is not None else None
-    return str((meta or {}).get("direction") or "minimize")
+    return str(_stage_meta(report).get("direction") or "minimize")
 
 
 def stage_metric(report: StageReport) -> str:
+    return str(_stage_meta(report).get("metric") or "val_loss")
+
+
+def _stage_meta(report: StageReport) -> dict[str, Any]:
+    """A read-back stage's settings (metric, direction, ...), whichever backend ran it: an
+    Optuna stage keeps them in its study's user attrs; a Ray stage's report carries its
+    ``scaleplan_stage.json`` as `source` (`studies.ray_backend.load_stage_reports`)."""
     source = report.source
+    if isinstance(source, dict):
+        return source
     meta = source.user_attrs.get(STAGE_ATTR) if source is not None else None
-    return str((meta or {}).get("metric") or "val_loss")
+    return meta if isinstance(meta, dict) else {}
 
 
 def _reason(error: BaseException) -> str:

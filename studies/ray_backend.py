@@ -12,7 +12,8 @@ by the study's ``ray`` block) or a cluster (``--ray-address host:6379``):
 - Stopping: OptunaSearch always uses Optuna's no-op pruner, so a Tune scheduler does it, on
   the trainer step: asha -> `ASHAScheduler`; hyperband -> ASHA with several brackets (the
   asynchronous Hyperband; Ray's `HyperBandScheduler` pauses trials, which a trainable without
-  checkpoints cannot resume); median -> `MedianStoppingRule` (never pausing); none -> FIFO.
+  checkpoints cannot resume); median -> `MedianStoppingRule` (never pausing); none -> FIFO;
+  pbt -> Population Based Training (below).
 - A trial: a function trainable that calls `studies.objective.run_trial`; each evaluation is
   ``tune.report({"objective", "step"})``. A scheduler stops a trial by raising `SystemExit`
   inside that call: the trial's `report` then answers True, the trainer stops cleanly and the
@@ -33,6 +34,40 @@ by the study's ``ray`` block) or a cluster (``--ray-address host:6379``):
 - MLflow: the driver's `StudyTracker` parent run; trials in Ray worker processes nest their
   child runs through `parent_run_id` and the study's absolute tracking URI; after each stage
   the driver tags each trial's run with its state, reason and params (`record_trial`).
+- Reading back: a finished stage's trial records go into its ``scaleplan_stage.json``, so
+  `load_stage_reports` (``scaleplan study show|best|export``) reads a Ray study without Ray.
+
+Population Based Training (``pruner: {name: pbt, interval, quantile, resample_probability,
+synchronous}``; Jaderberg et al. 2017): Ray's `PopulationBasedTraining` on the trainer step.
+Every ``interval`` steps (at the first evaluation past it; ``min_resource`` steps of burn-in
+first) a trial reports its objective with a Tune checkpoint, a copy of the trainer's
+exact-resume checkpoint of that step (`trainer.loop.StepInfo.save_checkpoint`); a trial in the
+bottom ``quantile`` then continues from the checkpoint of one in the top quantile with
+perturbed hyperparameters: ``train(start_from=...)`` restores weights, optimiser moments, step
+and curves, while the optimiser's param-group values and the schedule come from the new
+config. Only hyperparameters are perturbed (`trainer.checkpoint.is_hyperparameter`: optimizer,
+schedule, clip, ...): a searched model or data key stays the donor's, as its weights require.
+Numbers are multiplied by 0.8 or 1.2 and kept inside their range, choices move to a
+neighbour, and with ``resample_probability`` a value is drawn afresh from the stage's space.
+``synchronous`` (the default) decides for the whole population at once, when every trial has
+reached the step: losses fall with steps, so trials are compared at equal steps (Ray's
+asynchronous mode compares each trial with the others' latest results, and a time-shared
+trial that has not saved yet cannot be copied).
+
+- PBT takes no search algorithm: Ray 2.60 refuses one (`PopulationBasedTraining.on_trial_add`
+  raises for a `SearchGenerator`; ray-project/ray#14176), since both would set the configs.
+  So the initial population is drawn up front by the stage's sampler through the same
+  `NumberedOptunaSearch` (warm starts first) and handed to Tune's `BasicVariantGenerator`;
+  later configs are PBT's.
+- The whole population is created at once (``workers`` does not cap it); Ray's resources
+  decide how many run at a time, and PBT time-shares the rest (a paused trial resumes from its
+  own checkpoint, in its own folder and MLflow run).
+- A trial keeps its number (and folder) when it takes over another's weights; its record,
+  final report and MLflow run say ``continued_from: trial D at step S``. Its folder then
+  holds a new trainer run that starts at step S with the donor's curves; the earlier run's
+  MLflow run is tagged ``state: exploited``.
+- No decision at the last evaluation: a trial that reached its budget is complete, not a
+  copy of another's final weights. PBT stops no trial: its trials are complete or failed.
 
 On a cluster, every node needs scaleplan installed (and a custom `trial_fn` importable) and
 the storage must be shared (NFS, or ``storage: s3://...``); so should ``runs_dir`` (the trial
@@ -73,12 +108,16 @@ from studies.sweep import NullView, StageCounts, StageReport, SweepView, count_t
 
 if TYPE_CHECKING:
     from studies.mlflow_study import StudyTracker
+    from trainer.loop import StepInfo
 
 __all__ = [
+    "CHECKPOINT_META",
     "META_FILE",
     "NUMBER_KEY",
     "experiment_name",
+    "load_stage_reports",
     "make_scheduler",
+    "pbt_mutations",
     "run_ray",
     "trial_record",
     "trial_resources",
@@ -92,6 +131,10 @@ REUSE_WAIT_S = 120
 # again only the trials that finished in the last second
 SAVE_PERIOD_S = 1
 INTERRUPTED = "interrupted"
+EXPLOITED = "exploited"  # a PBT trial's earlier run, replaced by one from another's checkpoint
+CHECKPOINT_META = "scaleplan_checkpoint.json"  # in a PBT Tune checkpoint: whose, which step
+# Tune checkpoints kept per PBT trial: a donor's newest must outlive the trials copying it
+KEEP_PBT_CHECKPOINTS = 4
 
 TrialFn = Callable[..., TrialOutcome]
 
@@ -114,17 +157,38 @@ def trial_resources(study: StudyConfig) -> dict[str, float]:
     return resources
 
 
-def make_scheduler(pruner: PrunerSpec, max_steps: int, first_eval_step: int) -> Any:
+def make_scheduler(
+    pruner: PrunerSpec,
+    max_steps: int,
+    first_eval_step: int,
+    space: Mapping[str, ParamSpec] | None = None,
+) -> Any:
     """The Tune scheduler for a stage's pruner; time is the trainer step (``step``).
 
     asha: `ASHAScheduler` (grace period: ``min_resource``, else the first evaluation step);
     hyperband: ASHA with the brackets Hyperband would use, log_rf(max / min) + 1; median:
     `MedianStoppingRule` (warm-up: ``min_resource``; ``startup_trials`` trials must reach a
     step before one is stopped there); none: FIFO. None of them stops a trial that reached
-    the end of its budget, and none pauses one.
+    the end of its budget, and none pauses one. pbt: `PopulationBasedTraining` over the
+    hyperparameters of `space` (`pbt_mutations`), deciding every ``interval`` steps (None:
+    every evaluation) after ``min_resource`` steps; it pauses trials, which resume from
+    their checkpoints.
     """
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
+    if pruner.name == "pbt":
+        return _tune_classes().NumberedPBT(
+            space=dict(space or {}),
+            time_attr="step",
+            perturbation_interval=pruner.interval or first_eval_step,
+            burn_in_period=pruner.min_resource or 0,
+            hyperparam_mutations=pbt_mutations(space or {}),
+            quantile_fraction=pruner.quantile,
+            resample_probability=pruner.resample_probability,
+            synch=pruner.synchronous,
+            log_config=False,  # the records say who continued from whom
+            require_attrs=False,  # a trial's final report has no step
+        )
     grace = min(max(1, pruner.min_resource or first_eval_step), max_steps)
     if pruner.name in ("asha", "hyperband"):
         brackets = 1
@@ -149,11 +213,34 @@ def make_scheduler(pruner: PrunerSpec, max_steps: int, first_eval_step: int) -> 
     return FIFOScheduler()
 
 
+def pbt_mutations(space: Mapping[str, ParamSpec]) -> dict[str, Any]:
+    """What PBT perturbs: the hyperparameters of `space` (`trainer.checkpoint.is_hyperparameter`;
+    another key, e.g. a model size, must stay the donor's for its weights to fit), as Tune
+    domains (numbers) or lists of choices (categorical: PBT moves a value to a neighbour)."""
+    from studies.space import ray_search_space
+    from trainer.checkpoint import is_hyperparameter
+
+    mutations: dict[str, Any] = {}
+    for name, spec in space.items():
+        if not is_hyperparameter(name):
+            continue
+        if spec.type == "categorical":
+            mutations[name] = list(spec.choices or [])
+        else:  # conditions do not matter here: an inactive value is never used
+            plain = spec.model_copy(update={"condition": None})
+            mutations[name] = ray_search_space({name: plain})[name]
+    return mutations
+
+
 @functools.cache
 def _tune_classes() -> SimpleNamespace:
     """Ray subclasses, defined on first use so that importing this module skips Ray."""
     from ray.tune import Callback
-    from ray.tune.schedulers import MedianStoppingRule, TrialScheduler
+    from ray.tune.schedulers import (
+        MedianStoppingRule,
+        PopulationBasedTraining,
+        TrialScheduler,
+    )
     from ray.tune.search.optuna import OptunaSearch
 
     class NumberedOptunaSearch(OptunaSearch):
@@ -202,6 +289,25 @@ def _tune_classes() -> SimpleNamespace:
             if self._time_attr in result and self._metric in result:
                 super().on_trial_complete(tune_controller, trial, result)
 
+    class NumberedPBT(PopulationBasedTraining):
+        """PopulationBasedTraining whose exploiting trial keeps its own number (so its
+        folder, MLflow tags and record), and whose perturbed numbers stay inside the space
+        (Tune multiplies them by 0.8 or 1.2, past the bounds if it must)."""
+
+        def __init__(self, *, space: dict[str, ParamSpec], **kwargs: Any) -> None:
+            super().__init__(**kwargs)
+            self._scaleplan_space = space
+
+        def _get_new_config(self, trial: Any, trial_to_clone: Any) -> tuple[dict, dict]:
+            config, operations = super()._get_new_config(trial, trial_to_clone)
+            config[NUMBER_KEY] = trial.config[NUMBER_KEY]
+            for name, spec in self._scaleplan_space.items():
+                value: Any = config.get(name)
+                if spec.type != "categorical" and _finite(value):
+                    low, high = spec.bounds
+                    config[name] = type(value)(min(max(value, low), high))
+            return config, operations
+
     class Progress(Callback):
         """Shows a stage's counts as trials start and end (through `_LIVE`, by key: a restored
         experiment's callback is unpickled, and must reach this process's view)."""
@@ -225,6 +331,7 @@ def _tune_classes() -> SimpleNamespace:
 
     classes = SimpleNamespace(
         NumberedOptunaSearch=NumberedOptunaSearch,
+        NumberedPBT=NumberedPBT,
         MedianRule=MedianRule,
         TuneProgress=Progress,
         AtomicLocalHandler=_atomic_local_handler(),
@@ -244,7 +351,13 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-_RAY_CLASSES = ("NumberedOptunaSearch", "MedianRule", "TuneProgress", "AtomicLocalHandler")
+_RAY_CLASSES = (
+    "NumberedOptunaSearch",
+    "NumberedPBT",
+    "MedianRule",
+    "TuneProgress",
+    "AtomicLocalHandler",
+)
 
 
 def _atomic_local_handler() -> type:
@@ -419,6 +532,8 @@ def run_ray(
     view = view or NullView()
     runs = Path(runs_dir).absolute()
     storage = _storage(study, runs)
+    for index in range(len(study.stages)):
+        _check_pbt(study, index, trial_fn)
     started = _start_ray(study, ray_address)
     previous_level = optuna.logging.get_verbosity()
     # a failed trial reaches Optuna as NaN: it records FAIL, and says so at WARNING level
@@ -456,10 +571,46 @@ def run_ray(
 
 def _storage(study: StudyConfig, runs_dir: Path) -> str:
     """The study's Tune storage: a URI, or an absolute folder (default runs/<study>/ray)."""
-    storage = study.resolved_storage(runs_dir)
+    return _normal_storage(study.resolved_storage(runs_dir))
+
+
+def _normal_storage(storage: str) -> str:
     if "://" in storage:
         return storage.rstrip("/")
     return str(Path(storage).expanduser().absolute())
+
+
+def _check_pbt(study: StudyConfig, index: int, trial_fn: TrialFn | None) -> None:
+    """A pbt stage must be able to decide: evaluations within the budget, an interval below
+    it, hyperparameters to perturb, and the trainer's own checkpoints (no custom trial_fn)."""
+    stage = study.stages[index]
+    if stage.pruner.name != "pbt":
+        return
+    field = f"stages.{index}.pruner"
+    steps, first_eval = _stage_steps(study, stage)
+    if trial_fn is not None:
+        raise StudyError(
+            f"{field}.name: pbt continues trials from the trainer's checkpoints; it cannot "
+            "run a custom trial_fn"
+        )
+    if first_eval >= steps:
+        raise StudyError(
+            f"{field}.name: pbt decides at evaluations, but the trials evaluate only at the end "
+            f"of their {steps} steps; set overrides.eval_every below {steps}"
+        )
+    interval = stage.pruner.interval or first_eval
+    if interval >= steps:
+        raise StudyError(
+            f"{field}.interval: {interval} steps is not below the budget of {steps} steps; "
+            "PBT would never exploit. Lower it"
+        )
+    if not pbt_mutations(study.space):
+        from trainer.checkpoint import HYPERPARAMETER_FIELDS
+
+        raise StudyError(
+            f"{field}.name: pbt perturbs hyperparameters ({', '.join(HYPERPARAMETER_FIELDS)} "
+            f"keys) and the space has none: {', '.join(study.space)}"
+        )
 
 
 def _start_ray(study: StudyConfig, ray_address: str | None) -> bool:
@@ -647,7 +798,8 @@ def _run_stage(
             tracker.record_trial(
                 _outcome(record), number=record["number"], stage=stage.name, params=record["params"]
             )
-        _write_meta(path, {**meta, "recorded": True})
+        meta = {**meta, "recorded": True}
+    _write_meta(path, {**meta, "trial_records": trials})  # for `scaleplan study`
     report = StageReport(
         name=stage.name,
         index=index,
@@ -697,7 +849,7 @@ def _new_tuner(
     workers: int,
 ) -> Any:
     from ray import tune
-    from ray.tune.search import ConcurrencyLimiter
+    from ray.tune.search import BasicVariantGenerator, ConcurrencyLimiter
 
     from studies.space import optuna_define_by_run
     from studies.stages import make_sampler
@@ -715,11 +867,22 @@ def _new_tuner(
         points_to_evaluate=warm or None,
     )
     name = experiment_name(study, stage)
+    search_alg: Any = ConcurrencyLimiter(searcher, max_concurrent=workers)
+    param_space: dict[str, Any] | None = None
+    checkpoints = None
+    if stage.pruner.name == "pbt":
+        # PBT refuses a search algorithm: the sampler draws the whole population up front
+        population = [searcher.suggest(f"population-{i}") for i in range(stage.trials)]
+        search_alg = BasicVariantGenerator(points_to_evaluate=population)
+        # Tune sets a preset point's values only on keys its param_space has
+        param_space = {key: None for config in population for key in config}
+        checkpoints = tune.CheckpointConfig(num_to_keep=KEEP_PBT_CHECKPOINTS)
     return tune.Tuner(
         trainable,
+        param_space=param_space,
         tune_config=tune.TuneConfig(
-            search_alg=ConcurrencyLimiter(searcher, max_concurrent=workers),
-            scheduler=make_scheduler(stage.pruner, steps, first_eval),
+            search_alg=search_alg,
+            scheduler=make_scheduler(stage.pruner, steps, first_eval, space),
             metric="objective",
             mode=mode,
             num_samples=stage.trials,
@@ -732,6 +895,7 @@ def _new_tuner(
             name=name,
             verbose=0,
             failure_config=tune.FailureConfig(max_failures=0),
+            checkpoint_config=checkpoints,
             callbacks=[_tune_classes().TuneProgress(name)],
         ),
     )
@@ -774,7 +938,8 @@ def _live_counts(trials: Sequence[Any], requested: int, direction: str) -> Stage
 
 
 def _trial_main(config: dict[str, Any], ctx: _TrialContext) -> None:
-    """The function trainable: run_trial with a `report` that Tune's scheduler can stop."""
+    """The function trainable: run_trial with a `report` that Tune's scheduler can stop (or,
+    for pbt, `_run_pbt_trial`)."""
     from ray import tune
 
     # a reused actor gives a stopped trial this long to end its run before the next trial
@@ -785,7 +950,33 @@ def _trial_main(config: dict[str, Any], ctx: _TrialContext) -> None:
     number = int(config[NUMBER_KEY])
     params = active_params(ctx.space, config)
     trial_id = f"{stage.name}-{number}"
-    _end_interrupted_run(ctx, trial_id, number)
+    tags = {
+        "study": ctx.study.name,
+        "stage": stage.name,
+        "number": str(number),
+        "scaleplan.kind": "trial",
+        "backend": "ray",
+    }
+    continued_from: dict[str, int] | None = None
+    if stage.pruner.name == "pbt":
+        outcome, stopped, continued_from = _run_pbt_trial(ctx, number, params, trial_id, tags)
+    else:
+        _end_interrupted_run(ctx, trial_id, number)
+        outcome, stopped = _run_stoppable_trial(ctx, params, trial_id, tags)
+    if stopped:
+        # end the thread as Tune expects of a stopped trial; returning would make Tune's
+        # wrapper wait for a reply that never comes, and a reused actor would not be freed
+        raise SystemExit(0)
+    tune.report(_final_metrics(outcome, continued_from))
+
+
+def _run_stoppable_trial(
+    ctx: _TrialContext, params: dict[str, Any], trial_id: str, tags: dict[str, str]
+) -> tuple[TrialOutcome, bool]:
+    """run_trial (or the custom trial_fn) with a `report` that Tune's scheduler can stop;
+    returns (outcome, stopped by the scheduler)."""
+    from ray import tune
+
     stopped = False
 
     def report(step: int, value: float) -> bool:
@@ -797,13 +988,6 @@ def _trial_main(config: dict[str, Any], ctx: _TrialContext) -> None:
                 stopped = True
         return stopped
 
-    tags = {
-        "study": ctx.study.name,
-        "stage": stage.name,
-        "number": str(number),
-        "scaleplan.kind": "trial",
-        "backend": "ray",
-    }
     if ctx.trial_fn is None:
         from studies.objective import run_trial
 
@@ -812,7 +996,7 @@ def _trial_main(config: dict[str, Any], ctx: _TrialContext) -> None:
         trial_fn = ctx.trial_fn
     outcome = trial_fn(
         ctx.study,
-        stage,
+        ctx.stage,
         params,
         trial_id=trial_id,
         report=report,
@@ -820,14 +1004,12 @@ def _trial_main(config: dict[str, Any], ctx: _TrialContext) -> None:
         tags=tags,
         runs_dir=ctx.runs_dir,
     )
-    if stopped:
-        # end the thread as Tune expects of a stopped trial; returning would make Tune's
-        # wrapper wait for a reply that never comes, and a reused actor would not be freed
-        raise SystemExit(0)
-    tune.report(_final_metrics(outcome))
+    return outcome, stopped
 
 
-def _final_metrics(outcome: TrialOutcome) -> dict[str, Any]:
+def _final_metrics(
+    outcome: TrialOutcome, continued_from: Mapping[str, int] | None = None
+) -> dict[str, Any]:
     """The last report of a trial that ran to its end: its outcome. The objective is NaN
     unless complete (OptunaSearch then records the trial as failed); no ``step``."""
     value = outcome.value if outcome.state == "complete" else None
@@ -841,13 +1023,21 @@ def _final_metrics(outcome: TrialOutcome) -> dict[str, Any]:
         "params_count": outcome.params_count,
         "out_dir": outcome.out_dir,
         "run_id": outcome.run_id or "",
+        "continued_from": _continued_text(continued_from),
     }
 
 
-def _end_interrupted_run(ctx: _TrialContext, trial_id: str, number: int) -> None:
+def _end_interrupted_run(
+    ctx: _TrialContext,
+    trial_id: str,
+    number: int,
+    state: str = INTERRUPTED,
+    reason: str = INTERRUPTED,
+) -> None:
     """A trial run again after a kill: its earlier attempt's MLflow run (never recorded by
     the driver: no ``state`` tag) is ended KILLED with state and reason "interrupted"
-    (run_trial then replaces the trial's folder)."""
+    (run_trial then replaces the trial's folder). A PBT trial that takes over another's
+    weights ends its earlier run the same way, as "exploited"."""
     if ctx.parent_run_id is None:
         return
     run_id = _read_run_id(trial_dir(ctx.study, trial_id, ctx.runs_dir))
@@ -861,8 +1051,8 @@ def _end_interrupted_run(ctx: _TrialContext, trial_id: str, number: int) -> None
         if "state" in run.data.tags:  # the driver recorded it: not this study's attempt
             return
         for key, value in (
-            ("state", INTERRUPTED),
-            ("reason", INTERRUPTED),
+            ("state", state),
+            ("reason", reason),
             ("stage", ctx.stage.name),
             ("number", str(number)),
         ):
@@ -870,6 +1060,172 @@ def _end_interrupted_run(ctx: _TrialContext, trial_id: str, number: int) -> None
         retry_locked(client.set_terminated, run_id, "KILLED")
     except Exception:  # MLflow trouble never stops a trial
         return
+
+
+# ---------------------------------------------------------------------------------------------
+# One PBT trial, in a Ray worker
+
+
+@dataclass(frozen=True)
+class _PbtStart:
+    """Where a PBT trial (re)starts: nothing (a fresh run), its own checkpoint (it was paused),
+    or a donor's (it took over the donor's weights at ``step``)."""
+
+    checkpoint: Path | None = None
+    own: bool = False
+    step: int = 0
+    continued_from: dict[str, int] | None = None  # the last takeover in this trial's weights
+
+
+def _run_pbt_trial(
+    ctx: _TrialContext, number: int, params: dict[str, Any], trial_id: str, tags: dict[str, str]
+) -> tuple[TrialOutcome, bool, dict[str, int] | None]:
+    """A PBT trial: `studies.objective.run_trial`, started from Tune's checkpoint when there
+    is one (``start_from``: this config's hyperparameters on the checkpoint's state), handing
+    Tune a checkpoint with each decision, and keeping the last evaluation to itself (no exploit
+    at the end of the budget). Returns (outcome, stopped by Tune: paused or exploited, the
+    takeover its weights come from)."""
+    import shutil
+    import tempfile
+
+    from ray import tune
+
+    from studies.objective import run_trial
+    from trainer.tracking import METRICS_FILE
+
+    study, stage = ctx.study, ctx.stage
+    out_dir = trial_dir(study, trial_id, ctx.runs_dir)
+    last_step = trial_config(study, params, stage.budget).steps
+    stopped = False
+    with tempfile.TemporaryDirectory(prefix="scaleplan-pbt-") as scratch:
+        try:
+            start = _pbt_start(tune.get_checkpoint(), Path(scratch), number)
+        except Exception as error:
+            return TrialOutcome("failed", None, _one_line(error), 0, []), False, None
+        _, first_eval = _stage_steps(study, stage)
+        checkpoints = _TuneCheckpoints(
+            Path(scratch),
+            {"study": study.name, "stage": stage.name, "number": number},
+            start,
+            interval=stage.pruner.interval or first_eval,
+            burn_in=stage.pruner.min_resource or 0,
+            last_step=last_step,
+        )
+
+        def report(step: int, value: float) -> bool:
+            nonlocal stopped
+            if stopped or step >= last_step:  # the budget is spent: no decision
+                return stopped
+            folder = checkpoints.take(step)
+            try:
+                checkpoint = tune.Checkpoint.from_directory(folder) if folder else None
+                tune.report({"objective": float(value), "step": int(step)}, checkpoint=checkpoint)
+            except SystemExit:  # PBT paused this trial, or gave it another's weights
+                stopped = True
+            finally:
+                if folder is not None:
+                    shutil.rmtree(folder, ignore_errors=True)
+            return stopped
+
+        resume = start.own and (out_dir / METRICS_FILE).exists()
+        run_tags = dict(tags)
+        if not resume:
+            if start.continued_from is not None and not start.own:
+                text = _continued_text(start.continued_from)
+                why = f"replaced: the trial continued from {text} in a new run"
+                _end_interrupted_run(ctx, trial_id, number, EXPLOITED, why)
+                run_tags["continued_from"] = text
+            else:
+                _end_interrupted_run(ctx, trial_id, number)
+        outcome = run_trial(
+            study,
+            stage,
+            params,
+            trial_id=trial_id,
+            report=report,
+            parent_run_id=ctx.parent_run_id,
+            tags=run_tags,
+            runs_dir=ctx.runs_dir,
+            callbacks=[checkpoints],
+            resume=resume,
+            start_from=start.checkpoint,
+        )
+    return outcome, stopped, start.continued_from
+
+
+def _pbt_start(checkpoint: Any, scratch: Path, number: int) -> _PbtStart:
+    """The trainer checkpoint inside Tune's (downloaded under `scratch`), and whose it is."""
+    if checkpoint is None:
+        return _PbtStart()
+    folder = Path(checkpoint.to_directory(str(scratch / "start")))
+    meta = json.loads((folder / CHECKPOINT_META).read_text())
+    files = sorted(folder.glob("step_*.pt"))
+    if not files:
+        raise FileNotFoundError(f"no trainer checkpoint in {checkpoint.path}")
+    step = int(meta["step"])
+    if int(meta["number"]) == number:
+        own_from = meta.get("continued_from")
+        return _PbtStart(files[-1], True, step, dict(own_from) if own_from else None)
+    return _PbtStart(files[-1], False, step, {"number": int(meta["number"]), "step": step})
+
+
+class _TuneCheckpoints:
+    """Trainer callback of a PBT trial, before run_trial's reporter: at each evaluation where
+    PBT will decide (its own rule: past ``burn_in``, ``interval`` steps after the last
+    decision; never the last step) the checkpoint of this very step goes into a Tune
+    checkpoint folder for the report that follows, so that a trial that copies this one, or
+    this one after a pause, starts exactly here."""
+
+    def __init__(
+        self,
+        scratch: Path,
+        meta: dict[str, Any],
+        start: _PbtStart,
+        *,
+        interval: int,
+        burn_in: int,
+        last_step: int,
+    ) -> None:
+        self.scratch = scratch
+        self.meta = {**meta, "continued_from": start.continued_from}
+        self.last_decision = start.step  # PBT counts from the step a trial starts at
+        self.interval, self.burn_in, self.last_step = interval, burn_in, last_step
+        self.pending: tuple[int, Path] | None = None
+
+    def __call__(self, info: StepInfo) -> None:
+        self.pending = None
+        save = info.save_checkpoint
+        due = (
+            info.val_loss is not None
+            and self.burn_in <= info.step < self.last_step
+            and info.step - self.last_decision >= self.interval
+        )
+        if save is None or not due:
+            return
+        self.last_decision = info.step
+        folder = self.scratch / f"tune-{info.step}"
+        folder.mkdir(parents=True, exist_ok=True)
+        trainer_checkpoint = save()
+        try:  # the trainer keeps only its newest checkpoints: a link, else a copy
+            os.link(trainer_checkpoint, folder / trainer_checkpoint.name)
+        except OSError:
+            import shutil
+
+            shutil.copy2(trainer_checkpoint, folder / trainer_checkpoint.name)
+        (folder / CHECKPOINT_META).write_text(json.dumps({**self.meta, "step": info.step}))
+        self.pending = (info.step, folder)
+
+    def take(self, step: int) -> Path | None:
+        """The Tune checkpoint folder written for `step`, if one was due."""
+        pending, self.pending = self.pending, None
+        return pending[1] if pending is not None and pending[0] == step else None
+
+
+def _continued_text(continued_from: Mapping[str, int] | None) -> str:
+    """``trial 3 at step 40``: whose weights a PBT trial took over, and when ("" if none)."""
+    if not continued_from:
+        return ""
+    return f"trial {continued_from['number']} at step {continued_from['step']}"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -888,7 +1244,9 @@ def trial_record(
 
     Errored (a Ray-level failure): failed, with the error's type and first line. Reported an
     outcome: its state. Neither: stopped by the scheduler, so pruned. `configs` (trial path ->
-    config) stands in for a result that never reported, whose own config is empty.
+    config) stands in for a result that never reported, whose own config is empty. Besides
+    the common keys, ``continued_from`` says whose weights a PBT trial took over last
+    (``trial 3 at step 40``; None otherwise); its params are its final (perturbed) ones.
     """
     config = result.config or (configs or {}).get(str(getattr(result, "path", ""))) or {}
     number = int(config.get(NUMBER_KEY, -1))
@@ -931,6 +1289,7 @@ def trial_record(
         "intermediate": intermediate,
         "started": _started(result),
         "tune_trial_id": str(metrics.get("trial_id") or "") or None,
+        "continued_from": str(metrics.get("continued_from") or "") or None,
     }
 
 
@@ -1066,7 +1425,7 @@ def _read_meta(path: str) -> dict[str, Any] | None:
 
 def _write_meta(path: str, meta: Mapping[str, Any]) -> None:
     """Written whole: a temp file renamed (local), or one object (object stores)."""
-    text = json.dumps(meta, indent=2) + "\n"
+    text = json.dumps(meta, indent=2, default=_plain) + "\n"
     if "://" not in path:
         folder = Path(path)
         folder.mkdir(parents=True, exist_ok=True)
@@ -1078,6 +1437,60 @@ def _write_meta(path: str, meta: Mapping[str, Any]) -> None:
     fs.create_dir(root, recursive=True)
     with fs.open_output_stream(f"{root}/{META_FILE}") as stream:
         stream.write(text.encode())
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading a study back (scaleplan study show | best | export)
+
+
+def load_stage_reports(name: str, storage: str) -> list[StageReport]:
+    """The stages of study `name` in a Ray storage (a folder or URI; the default is
+    runs/<name>/ray), in order, from the ``scaleplan_stage.json`` beside each experiment; no
+    Ray is started. A stage that has not finished (its sweep is running, or was stopped) has
+    no trial records yet: it comes back with none. Each report's `source` is that meta."""
+    import pyarrow.fs
+
+    storage = _normal_storage(storage)
+    fs, root = _filesystem(storage)
+    if fs.get_file_info(root).type != pyarrow.fs.FileType.Directory:
+        raise StudyError(f"study: no Ray storage at {storage}; run `scaleplan sweep` first")
+    metas = []
+    for info in fs.get_file_info(pyarrow.fs.FileSelector(root)):
+        if info.type == pyarrow.fs.FileType.Directory:
+            meta = _read_meta(f"{storage}/{info.base_name}")
+            if meta is not None and "study" in meta:
+                metas.append(meta)
+    found = sorted((m for m in metas if m["study"] == name), key=lambda m: int(m.get("index", 0)))
+    if not found:
+        names = sorted({str(m["study"]) for m in metas})
+        known = f"; studies there: {', '.join(names)}" if names else ""
+        raise StudyError(f"study: no study '{name}' in {storage}{known}")
+    reports = []
+    for meta in found:
+        trials = [_record_from_json(record) for record in meta.get("trial_records") or []]
+        direction = str(meta.get("direction") or "minimize")
+        reports.append(
+            StageReport(
+                name=str(meta.get("stage")),
+                index=int(meta.get("index", 0)),
+                sampler=str(meta.get("sampler")),
+                pruner=str(meta.get("pruner")),
+                budget_steps=int(meta.get("budget_steps") or 0),
+                space=_space_from_json(meta.get("space") or {}),
+                notes=list(meta.get("notes") or []),
+                counts=count_trials(trials, int(meta.get("trials") or 0), direction),
+                trials=trials,
+                source=meta,
+            )
+        )
+    return reports
+
+
+def _record_from_json(record: Mapping[str, Any]) -> dict[str, Any]:
+    """A trial record as `trial_record` made it (JSON turned its (step, value) pairs into
+    lists)."""
+    points = record.get("intermediate") or []
+    return {**record, "intermediate": [(int(step), float(value)) for step, value in points]}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1099,6 +1512,11 @@ def _finite(value: Any) -> bool:
         except (TypeError, ValueError):
             return False
     return math.isfinite(value)
+
+
+def _plain(value: Any) -> Any:
+    """JSON for what `json` does not know (a NumPy number in a config)."""
+    return value.item() if hasattr(value, "item") else str(value)
 
 
 def _int_or_none(value: Any) -> int | None:

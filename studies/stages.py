@@ -335,10 +335,13 @@ def make_pruner(
 
     Resources are the steps a trial reports its validation metric at. asha: asynchronous
     successive halving; hyperband (up to `max_resource`, the stage's steps; None: inferred);
-    median: stop below the median of earlier trials at the same step; none.
+    median: stop below the median of earlier trials at the same step; none. pbt is Ray's
+    (`studies.ray_backend`): Optuna has no Population Based Training.
     """
     import optuna
 
+    if (spec if isinstance(spec, str) else spec.name) == "pbt":
+        raise StudyError(f"pruner: pbt needs backend: ray; Optuna's are {', '.join(PRUNERS)}")
     if isinstance(spec, str):
         if spec not in PRUNERS:
             raise StudyError(f"pruner: '{spec}' is not one of: {', '.join(PRUNERS)}")

@@ -12,6 +12,12 @@ read with ``torch.load(weights_only=True)`` (no code runs on load):
 - ``config`` and ``config_hash``: the resolved config it was written under. Resuming under a
   config whose trajectory fields differ is a ConfigError naming the first differing field.
 
+Continuing a checkpoint under other hyperparameters (``train(start_from=...)``, how Population
+Based Training hands one trial's state to another) may change only `HYPERPARAMETER_FIELDS`:
+the values the optimiser's param groups and the schedule are rebuilt from. The model, data,
+seed, budget and the optimiser itself (`STATE_FIELDS`) must match, or the weights and moments
+would mean something else; `check_continuation` names the first field that does not.
+
 Writes go to a temporary file in the same folder, then ``os.replace``: a crash leaves either
 the old set of checkpoints or the new one, never a truncated ``step_*.pt``. Only the newest
 ``keep`` checkpoints are kept.
@@ -34,8 +40,12 @@ from trainer.errors import ConfigError
 
 __all__ = [
     "CHECKPOINT_FORMAT",
+    "HYPERPARAMETER_FIELDS",
+    "STATE_FIELDS",
     "check_config",
+    "check_continuation",
     "checkpoint_path",
+    "is_hyperparameter",
     "latest_checkpoint",
     "list_checkpoints",
     "load_checkpoint",
@@ -46,6 +56,11 @@ CHECKPOINT_FORMAT = 1
 CHECKPOINT_DIR = "checkpoints"
 _NAME = re.compile(r"^step_(\d+)\.pt$")
 REQUIRED_KEYS = ("format", "step", "model", "optimizer", "scheduler", "rng", "loop", "config")
+# what a run continued from a checkpoint under a new config may change: the values its
+# optimiser param groups and schedule are rebuilt from (dotted prefixes of TrainConfig keys)
+HYPERPARAMETER_FIELDS = ("optimizer", "schedule", "clip", "label_smoothing", "early_stopping")
+# ... except these, which decide what the optimiser state is and which parameters it covers
+STATE_FIELDS = ("optimizer.name", "optimizer.no_decay_on", "optimizer.muon_exclude")
 
 
 def checkpoint_path(run_dir: Path, step: int) -> Path:
@@ -134,4 +149,31 @@ def check_config(state: dict[str, Any], config: TrainConfig, path: Path) -> None
         f"checkpoint '{path}' was written by a different config: field {field} differs "
         f"(checkpoint: {saved.get(field)!r}, now: {current.get(field)!r}); resume with the "
         "original config or start a new --out"
+    )
+
+
+def is_hyperparameter(key: str) -> bool:
+    """Whether dotted config key `key` may change when a run continues another's checkpoint."""
+
+    def under(prefixes: tuple[str, ...]) -> bool:
+        return any(key == prefix or key.startswith(prefix + ".") for prefix in prefixes)
+
+    return under(HYPERPARAMETER_FIELDS) and not under(STATE_FIELDS)
+
+
+def check_continuation(state: dict[str, Any], config: TrainConfig, path: Path) -> None:
+    """ConfigError unless `config` differs from the one that wrote `state` only in
+    hyperparameters (`is_hyperparameter`), so that its weights and moments can go on under it."""
+    saved, current = trajectory_fields(state["config"]), trajectory_fields(config)
+    field = first_difference(
+        {key: value for key, value in saved.items() if not is_hyperparameter(key)},
+        {key: value for key, value in current.items() if not is_hyperparameter(key)},
+    )
+    if field is None:
+        return
+    raise ConfigError(
+        f"start_from: checkpoint '{path}' cannot continue under this config: field {field} "
+        f"differs (checkpoint: {saved.get(field)!r}, now: {current.get(field)!r}); only "
+        f"hyperparameters ({', '.join(HYPERPARAMETER_FIELDS)}; not {', '.join(STATE_FIELDS)}) "
+        "may change"
     )

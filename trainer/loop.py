@@ -17,7 +17,12 @@ Callbacks (any callable, e.g. an object with ``__call__``) are called after each
 `StopTraining` (a study prunes a trial this way): the loop finishes that step, writes its
 checkpoint and returns a RunResult whose ``stopped_reason`` is the exception's reason
 ("callback" unless given). Early stopping ends a run the same way. Resuming a stopped run
-returns its result without training further.
+returns its result without training further. A callback that needs this very step on disk
+(Population Based Training hands it to another trial) calls ``info.save_checkpoint()``.
+
+Continuing under new hyperparameters: ``train(config, start_from=checkpoint)`` takes the
+weights, optimiser moments, step and curves from a checkpoint (of this run or another) and the
+optimiser's param-group values and the schedule from `config` (see trainer.rundir).
 
 Non-finite loss or gradient norm: ``nonfinite: stop`` (default) ends the run before the update
 (``stopped_reason`` "nonfinite", ``stop_message`` says which step and what); ``skip`` drops that
@@ -34,6 +39,7 @@ have been checked.
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -87,13 +93,18 @@ class StopTraining(Exception):
 
 @dataclass(frozen=True)
 class StepInfo:
-    """What a callback sees after a recorded step (``metrics`` is the record that was logged)."""
+    """What a callback sees after a recorded step (``metrics`` is the record that was logged).
+
+    ``save_checkpoint()`` writes the checkpoint of this step now (before the loop's own, if
+    one is due) and returns its path.
+    """
 
     step: int
     tokens: int
     train_loss: float
     val_loss: float | None
     metrics: dict[str, float]
+    save_checkpoint: Callable[[], Path] | None = None
 
 
 Callback = Callable[[StepInfo], object]
@@ -109,17 +120,20 @@ def train(
     out_dir: str | Path | None = None,
     resume: bool = False,
     *,
+    start_from: str | Path | None = None,
     parent_run_id: str | None = None,
     tags: dict[str, str] | None = None,
 ) -> RunResult:
     """Train `config`'s model on its data; see the module docstring for the run folder.
 
-    `resume` continues from the newest checkpoint in `out_dir`. `parent_run_id` and `tags` go
-    to the MLflow run (a study nests its trials this way).
+    `resume` continues from the newest checkpoint in `out_dir`. `start_from` continues from
+    that checkpoint instead, under `config`'s hyperparameters: a new run in `out_dir`, or with
+    `resume` the run there. `parent_run_id` and `tags` go to the MLflow run (a study nests its
+    trials this way).
     """
     session_start = time.perf_counter()
     with deterministic_algorithms(config.deterministic):
-        parts = build_run(config, out_dir, resume)  # every user error is raised here
+        parts = build_run(config, out_dir, resume, start_from)  # every user error is raised here
         tracker = start_run(parts, parent_run_id, tags)
         try:
             result = _loop(parts, tracker, list(callbacks), session_start)
@@ -226,7 +240,8 @@ def _loop(
                 metrics.update(_evaluate(parts, val_batches))
                 stopped_reason = _update_best(config, s)
             tracker.log_metrics(metrics, step=done)
-            info = StepInfo(done, s.tokens, loss_value, metrics.get("val_loss"), metrics)
+            save_now = functools.partial(save_run, parts, session_start)
+            info = StepInfo(done, s.tokens, loss_value, metrics.get("val_loss"), metrics, save_now)
             stopped_reason = _call_back(callbacks, info) or stopped_reason
             interval = _Interval(s.step, s.tokens, time.perf_counter())
         if (

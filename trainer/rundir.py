@@ -1,10 +1,16 @@
 """A training run's parts, its checkpointed state, and its folder.
 
 `build_run` checks and builds everything a run needs (device, precision, data, model,
-optimiser, schedule, and the checkpoint to resume from) without writing anything; `start_run`
-creates the folder (config.yaml, run.json, the Tracker's metrics.jsonl); `save_run` writes a
-checkpoint; `finish_run` writes result.json and the final status. The loop itself is in
-trainer.loop.
+optimiser, schedule, and the checkpoint to resume or start from) without writing anything;
+`start_run` creates the folder (config.yaml, run.json, the Tracker's metrics.jsonl); `save_run`
+writes a checkpoint; `finish_run` writes result.json and the final status. The loop itself is
+in trainer.loop.
+
+Starting from a checkpoint under a new config (``start_from``): the weights, the optimiser's
+moments and step counts, the schedule's position, the loop's counters and curves and the RNG
+come from the checkpoint; the optimiser's param-group values (lr, betas, weight decay, ...) and
+the schedule come from the config, so the next update uses the new hyperparameters at the
+checkpoint's step. Population Based Training continues one trial from another's this way.
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ from torch import nn
 
 from trainer.checkpoint import (
     check_config,
+    check_continuation,
     latest_checkpoint,
     list_checkpoints,
     load_checkpoint,
@@ -136,7 +143,8 @@ class Parts:
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
     state: LoopState
-    resumed_from: Path | None
+    resumed_from: Path | None  # the checkpoint the run starts from, if any
+    continues_run: bool  # resume: this folder's run goes on (metrics.jsonl, the MLflow run)
     saved_rng: dict[str, Any] | None
     flops_per_token: float
     peak_flops: float
@@ -148,14 +156,28 @@ class Parts:
 # Building a run, checkpoints, the run folder
 
 
-def build_run(config: TrainConfig, out_dir: str | Path | None, resume: bool) -> Parts:
-    """Check everything and build the run; writes nothing in the run folder."""
+def build_run(
+    config: TrainConfig,
+    out_dir: str | Path | None,
+    resume: bool,
+    start_from: str | Path | None = None,
+) -> Parts:
+    """Check everything and build the run; writes nothing in the run folder.
+
+    `start_from`: a checkpoint (this run's or another's) to continue under `config`'s
+    hyperparameters (see the module docstring); with `resume` the run in `out_dir` goes on
+    from it, else `out_dir` starts a new run at the checkpoint's step.
+    """
     device = resolve_device(config.device)
     precision = build_precision(config.precision, device)
     run_dir = _run_dir(config, out_dir, resume)
     saved: dict[str, Any] | None = None
     resumed_from = None
-    if resume:
+    if start_from is not None:
+        resumed_from = Path(start_from)
+        saved = load_checkpoint(resumed_from)
+        check_continuation(saved, config, resumed_from)
+    elif resume:
         resumed_from = latest_checkpoint(run_dir)
         if resumed_from is None:
             raise ConfigError(
@@ -181,10 +203,15 @@ def build_run(config: TrainConfig, out_dir: str | Path | None, resume: bool) -> 
     state = LoopState()
     if saved is not None:
         raw_model.load_state_dict(saved["model"])
-        optimizer.load_state_dict(saved["optimizer"])
-        scheduler.load_state_dict(saved["scheduler"])
+        if start_from is None:
+            optimizer.load_state_dict(saved["optimizer"])
+            scheduler.load_state_dict(saved["scheduler"])
+        else:
+            _continue_under_config(optimizer, scheduler, saved, resumed_from)
         precision.load_state_dict(saved.get("scaler") or {})
         state = LoopState.from_dict(saved["loop"])
+        if start_from is not None:
+            state.stopped_reason = None  # a new config is a new decision to go on
     model = torch.compile(raw_model) if config.compile else raw_model
     peak, peak_source = peak_flops(device, config.diagnostics.peak_flops)
     return Parts(
@@ -199,12 +226,38 @@ def build_run(config: TrainConfig, out_dir: str | Path | None, resume: bool) -> 
         scheduler=scheduler,
         state=state,
         resumed_from=resumed_from,
+        continues_run=resume,
         saved_rng=None if saved is None else saved["rng"],
         flops_per_token=per_token,
         peak_flops=peak,
         peak_flops_source=peak_source,
         tokens_per_step=data.tokens_per_batch * config.grad_accum_steps,
     )
+
+
+def _continue_under_config(
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    saved: dict[str, Any],
+    path: Path | None,
+) -> None:
+    """The checkpoint's optimiser state and schedule position under the hyperparameters the
+    optimiser and scheduler were just built with."""
+    built = [{k: v for k, v in group.items() if k != "params"} for group in optimizer.param_groups]
+    base_lrs = list(scheduler.base_lrs)
+    try:
+        optimizer.load_state_dict(saved["optimizer"])  # moments, step counts (and old values)
+    except (ValueError, KeyError) as error:
+        raise ConfigError(
+            f"start_from: checkpoint '{path}' holds optimiser state for other parameter groups "
+            f"({error}); continue it under the same model and optimiser"
+        ) from None
+    for group, values in zip(optimizer.param_groups, built, strict=True):
+        group.update(values)  # this config's lr, betas, weight decay, ...
+    scheduler.load_state_dict({**saved["scheduler"], "base_lrs": base_lrs})  # the step reached
+    # this config's schedule at that step: recompute the step just taken
+    scheduler.last_epoch -= 1
+    scheduler.step()
 
 
 def _run_dir(config: TrainConfig, out_dir: str | Path | None, resume: bool) -> Path:
@@ -268,7 +321,7 @@ def start_run(parts: Parts, parent_run_id: str | None, tags: dict[str, str] | No
         run_name=tracking.run_name or run_dir.name,
         parent_run_id=parent_run_id,
         tags=tags,
-        resume_step=parts.state.step if parts.resumed_from is not None else None,
+        resume_step=parts.state.step if parts.continues_run else None,
     )
     tracker.log_artifact(run_dir / "config.yaml")
     tracker.log_params(

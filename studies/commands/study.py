@@ -5,14 +5,19 @@
     scaleplan study export quickstart --out runs.csv
     scaleplan fit runs.csv                       # the export is a runs table
 
-NAME is a study name (its storage defaults to runs/NAME/optuna.journal) or a study file, whose
-name and storage are used. ``--storage`` names another storage (sqlite:///, postgresql://).
+NAME is a study name or a study file, whose name, backend and storage are used. A bare name is
+read from what runs/NAME/ holds: ``optuna.journal`` (the Optuna backend) or ``ray/`` (the Ray
+backend, whose finished stages keep their trial records beside each Tune experiment; no Ray is
+started to read them). ``--storage`` names another storage: a journal file or database URL
+(sqlite:///, postgresql://) is Optuna's, a folder or s3:// / gs:// URI Ray's. A stage that has
+not finished (the sweep is running, or was stopped) shows how many of its trials did.
 
 The export has one row per trial that measured a loss (complete, and pruned at the step it
 stopped), with the runs-table columns ``params`` (parameters), ``tokens`` (tokens trained) and
 ``loss`` (final validation loss), then ``study, stage, number, state, value, steps, reason,
-out_dir, run_id`` and one column per hyperparameter. ``--all`` adds failed and interrupted
-trials, with empty loss.
+out_dir, run_id, continued_from`` (a PBT trial's takeover of another's weights: ``trial 3 at
+step 40``) and one column per hyperparameter. ``--all`` adds failed and interrupted trials,
+with empty loss.
 """
 
 from __future__ import annotations
@@ -46,8 +51,21 @@ TRIAL_COLUMNS = (
     "reason",
     "out_dir",
     "run_id",
+    "continued_from",
 )
 TOP_TRIALS = 5
+# what `show --json` says of each trial it lists
+BRIEF_KEYS = (
+    "stage",
+    "number",
+    "state",
+    "value",
+    "reason",
+    "params",
+    "out_dir",
+    "run_id",
+    "continued_from",
+)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -56,7 +74,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--storage",
         metavar="URL",
-        help="the study's storage (default runs/NAME/optuna.journal, or the study file's)",
+        help="the study's storage (default: runs/NAME/optuna.journal or runs/NAME/ray, or the "
+        "study file's)",
     )
     parser.add_argument(
         "--runs-dir", default="runs", metavar="DIR", help="where runs/NAME/ is (default runs)"
@@ -73,10 +92,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from studies.optuna_backend import load_stage_reports
-
-    name, storage = _locate(args.name, args.storage, Path(args.runs_dir))
-    reports = load_stage_reports(name, storage)
+    name, storage, backend = _locate(args.name, args.storage, Path(args.runs_dir))
+    reports = _load(name, storage, backend)
     if args.action == "show":
         return _show(name, storage, reports, args.json)
     if args.action == "best":
@@ -84,15 +101,47 @@ def run(args: argparse.Namespace) -> int:
     return _export(name, reports, args.out, args.all)
 
 
-def _locate(name: str, storage: str | None, runs_dir: Path) -> tuple[str, str]:
-    """(study name, storage URL) from a name or a study file."""
+def _locate(name: str, storage: str | None, runs_dir: Path) -> tuple[str, str, str]:
+    """(study name, storage, backend) from a name or a study file."""
     if name.endswith((".yaml", ".yml")):
         from studies.config import load_study
 
         study = load_study(name)
-        return study.name, storage or study.resolved_storage(runs_dir)
-    default = str((runs_dir / name / "optuna.journal").absolute())
-    return name, storage or default
+        return study.name, storage or study.resolved_storage(runs_dir), study.backend
+    if storage is not None:
+        return name, storage, _backend_of(storage)
+    journal = (runs_dir / name / "optuna.journal").absolute()
+    ray_folder = (runs_dir / name / "ray").absolute()
+    if journal.exists() and ray_folder.is_dir():
+        from studies.errors import StudyError
+
+        raise StudyError(
+            f"study: {runs_dir / name} holds an Optuna journal and Ray experiments; name the "
+            "study file or --storage"
+        )
+    if ray_folder.is_dir():
+        return name, str(ray_folder), "ray"
+    return name, str(journal), "optuna"
+
+
+def _backend_of(storage: str) -> str:
+    """Ray's storage is a folder or an object-store URI; Optuna's a journal file or an RDB URL."""
+    from studies.config import RAY_STORAGE_SCHEMES
+
+    scheme, sep, _ = storage.partition("://")
+    if sep:
+        return "ray" if scheme.lower() in RAY_STORAGE_SCHEMES else "optuna"
+    return "ray" if Path(storage).is_dir() else "optuna"
+
+
+def _load(name: str, storage: str, backend: str) -> list[StageReport]:
+    if backend == "ray":
+        from studies import ray_backend
+
+        return ray_backend.load_stage_reports(name, storage)
+    from studies import optuna_backend
+
+    return optuna_backend.load_stage_reports(name, storage)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -144,15 +193,23 @@ def _show(name: str, storage: str, reports: list[StageReport], as_json: bool) ->
             ]
             for r in reports
         ],
+        caption="\n".join(
+            f"stage {r.name}: {r.counts.finished} of {r.counts.requested} trials finished (the "
+            "sweep is running, or was stopped: the same `scaleplan sweep` resumes it)"
+            for r in reports
+            if r.counts.finished < r.counts.requested
+        ),
     )
     if top:
         names = list(top[0]["params"])
+        lineage = any(t.get("continued_from") for t in top)  # PBT
         output.print_table(
             f"Best trials (stage {top[0]['stage']})",
-            ["#", "trial", metric, *names],
+            ["#", "trial", metric, *names] + (["continued from"] if lineage else []),
             [
                 [str(rank), str(t["number"]), output.metric(t["value"])]
                 + [output.param(t["params"].get(key)) for key in names]
+                + ([t.get("continued_from") or "-"] if lineage else [])
                 for rank, t in enumerate(top, 1)
             ],
         )
@@ -263,6 +320,7 @@ def export_rows(name: str, reports: Sequence[StageReport], every: bool) -> list[
                 "reason": trial["reason"],
                 "out_dir": trial["out_dir"],
                 "run_id": trial["run_id"],
+                "continued_from": trial.get("continued_from"),
             }
             row.update(trial["params"])
             rows.append(row)
@@ -332,5 +390,4 @@ def _write_atomic(path: Path, text: str) -> None:
 
 
 def _brief(trial: dict[str, Any]) -> dict[str, Any]:
-    keys = ("stage", "number", "state", "value", "reason", "params", "out_dir", "run_id")
-    return {key: trial.get(key) for key in keys}
+    return {key: trial.get(key) for key in BRIEF_KEYS}

@@ -69,9 +69,7 @@ def test_each_arm_runs_the_study_and_the_best_of_each_is_compared(
     path = write_comparison(tmp_path, shared=shared)
     runs = tmp_path / "runs"
     tracking = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    code = main(
-        ["sweep", str(path), "--json", "--runs-dir", str(runs), "--tracking-uri", tracking]
-    )
+    code = main(["sweep", str(path), "--json", "--runs-dir", str(runs), "--tracking-uri", tracking])
     assert code == 0
     summary = json.loads(capsys.readouterr().out)
     assert [row["study"] for row in summary["arms"]] in (

@@ -225,7 +225,7 @@ BAD_SETS = [
     ),
     (
         ["stages.fine.pruner=asha2"],
-        "stages.1.pruner.name: 'asha2' is not one of: asha, hyperband, median, none",
+        "stages.1.pruner.name: 'asha2' is not one of: asha, hyperband, median, pbt, none",
     ),
     (["stages.0.trials=0"], "stages.0.trials: input should be greater than or equal to 1"),
     (
