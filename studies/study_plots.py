@@ -217,7 +217,14 @@ def _png(study: optuna.Study, name: str, params: list[str] | None, path: Path) -
     from optuna.visualization import matplotlib as optuna_mpl
 
     draw = getattr(optuna_mpl, f"plot_{name}")
-    axes = draw(study) if params is None else draw(study, params=params)
+    # Optuna's plots switch the global style to ggplot; keep it to these figures
+    style = {k: v for k, v in plt.rcParams.items() if k != "interactive"}
+    try:
+        axes = draw(study) if params is None else draw(study, params=params)
+    finally:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # deprecated rc keys warn when set back
+            plt.rcParams.update(style)
     first = axes.flat[0] if hasattr(axes, "flat") else axes
     figure = first.figure
     try:
