@@ -275,7 +275,7 @@ def forward_backward(
     total: torch.Tensor | None = None
     for m, (x, y) in enumerate(micro_batches):
         hooks = probe.attached() if probe is not None and m == 0 else contextlib.nullcontext()
-        with hooks, precision.autocast():
+        with hooks, _twice_differentiable(create_graph), precision.autocast():
             _, loss = model(x, y, label_smoothing=label_smoothing)
         assert loss is not None  # targets were given
         if accum_steps > 1:
@@ -284,6 +284,16 @@ def forward_backward(
         total = loss.detach().float() if total is None else total + loss.detach().float()
     assert total is not None, "no micro-batches"
     return total
+
+
+def _twice_differentiable(create_graph: bool) -> contextlib.AbstractContextManager[object]:
+    """Attention as plain ops when the backward must itself be differentiated (Sophia's
+    Hessian): the fused SDPA kernels (flash, memory-efficient) have no double backward."""
+    if not create_graph:
+        return contextlib.nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    return sdpa_kernel([SDPBackend.MATH])
 
 
 # ---------------------------------------------------------------------------------------------

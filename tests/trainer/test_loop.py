@@ -323,3 +323,12 @@ def test_missing_data_path_fails_before_writing(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="data.path"):
         train(config, out_dir=tmp_path / "run")
     assert not (tmp_path / "run").exists()
+
+
+def test_sophia_trains_a_gpt_through_its_attention(cache: Path, tmp_path: Path) -> None:
+    # Sophia's Hessian differentiates the backward; the fused CPU attention kernel cannot be
+    # differentiated twice, so the loop runs attention as plain ops for it
+    config = tiny_gpt(cache, steps=6, optimizer__name="sophia", optimizer__sophia_update_period=2)
+    result = train(config, out_dir=tmp_path / "run")
+    assert result.steps == 6 and result.stopped_reason is None
+    assert result.final_val_loss is not None and math.isfinite(result.final_val_loss)
