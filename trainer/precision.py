@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -106,9 +107,13 @@ class Precision:
 
     def backward(self, loss: torch.Tensor, create_graph: bool = False) -> None:
         """Backward of `loss` (scaled first under fp16); create_graph for Sophia's Hessian."""
-        (loss if self.scaler is None else self.scaler.scale(loss)).backward(
-            create_graph=create_graph
-        )
+        with warnings.catch_warnings():
+            # the grad <-> graph cycle torch warns of is broken each step: the loop zeroes
+            # gradients with set_to_none
+            warnings.filterwarnings("ignore", message="Using backward\\(\\) with create_graph=True")
+            (loss if self.scaler is None else self.scaler.scale(loss)).backward(
+                create_graph=create_graph
+            )
 
     def unscale_(self, optimizer: torch.optim.Optimizer) -> None:
         """Bring gradients back to their true size, before norms and clipping."""
