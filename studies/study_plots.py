@@ -33,7 +33,7 @@ import tempfile
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 if TYPE_CHECKING:
     import optuna
@@ -224,7 +224,7 @@ def _png(study: optuna.Study, name: str, params: list[str] | None, path: Path) -
     finally:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # deprecated rc keys warn when set back
-            plt.rcParams.update(style)
+            plt.rcParams.update(cast(Any, style))
     first = axes.flat[0] if hasattr(axes, "flat") else axes
     figure = first.figure
     try:

@@ -4,7 +4,6 @@ reason instead of raising."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -30,14 +29,6 @@ def tiny_study(tmp_path: Path, **fields: Any) -> StudyConfig:
     path = tmp_path / "study.yaml"
     path.write_text(yaml.safe_dump(study))
     return load_study(path)
-
-
-@pytest.fixture(autouse=True)
-def one_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def trial(study: StudyConfig, tmp_path: Path, lr: float = 3e-3, **kwargs: Any) -> TrialOutcome:

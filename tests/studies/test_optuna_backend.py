@@ -12,7 +12,6 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -84,14 +83,6 @@ def write_study(tmp_path: Path, **fields: Any) -> Path:
 
 def one_stage(trials: int, steps: int = 20, sampler: str = "random") -> list[dict[str, Any]]:
     return [{"name": "coarse", "sampler": sampler, "trials": trials, "budget": {"steps": steps}}]
-
-
-@pytest.fixture(autouse=True)
-def one_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def optuna_trials(study: StudyConfig, runs: Path, stage: str) -> list[optuna.trial.FrozenTrial]:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -18,15 +17,6 @@ from trainer.errors import ConfigError
 from trainer.loop import RunResult, StepInfo, StopTraining, forward_backward, train
 from trainer.models import GPTConfig, build_model
 from trainer.precision import build_precision
-
-
-@pytest.fixture(autouse=True)
-def one_thread() -> Iterator[None]:
-    # Tiny models: extra intra-op threads only contend with other work on the machine.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

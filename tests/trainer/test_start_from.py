@@ -6,7 +6,6 @@ param-group values and the schedule from the new config. Anything else that diff
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -19,14 +18,6 @@ from trainer.errors import ConfigError
 from trainer.loop import StepInfo, train
 from trainer.rundir import build_run
 from trainer.schedules import lr_multiplier
-
-
-@pytest.fixture(autouse=True)
-def one_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def digits(**overrides: Any) -> TrainConfig:
