@@ -1,0 +1,398 @@
+"""Search efficiency on the quickstart task: coarse-to-fine against three baselines, same budget.
+
+Every method searches the quickstart study's space (learning rate, warm-up fraction, weight
+decay, beta2 of gpt-tiny on the stdlib corpus) with the real trainer, one trial at a time, and
+may spend the same total budget in trial-steps (``--budget``, default 4320: what the
+quickstart's stages can spend, 16 x 120 + 8 x 300):
+
+- ``coarse-to-fine``: the quickstart study as it is: 16 Sobol trials of 120 steps pruned by
+  ASHA, then 8 TPE trials of 300 steps inside the range of the coarse top 4 (warm-started),
+  pruned by the median rule.
+- ``tpe-median``: Optuna's defaults, one stage: TPE (10 random start-up trials) and the
+  median pruner (5 start-up trials, no warm-up), every trial 300 steps.
+- ``ray-random-asha``: the Ray backend: random search with ASHA (Ray's default reduction
+  factor 4, grace period 20 steps, the first evaluation), every trial up to 300 steps.
+- ``random``: random search, no pruning, every trial 300 steps.
+- ``c2f-full-schedule`` (not run by default): a coarse-to-fine variant whose coarse stage
+  trains on the final 300-step schedule, stopped early by ASHA.
+
+The baselines get as many trials as the budget pays for: a ledger counts the steps each trial
+trained (pruned ones included), and once it reaches the budget the remaining trials end at
+once without training (``budget spent``; they are not counted). The trial that crosses the
+budget is allowed to finish; only trials that end within the budget count for the result.
+Trials run one at a time, so the ledger's order is the order the searcher saw results in.
+
+The score of a method after spending s trial-steps is the best final validation loss of its
+complete trials so far (a model trained to the end of its own schedule; a coarse trial's 120-step
+model counts with its own, higher, loss). Reported over the seeds (each seed changes the
+samplers and the trainer's seed): the median best at 1/8, 1/4, 1/2 and all of the budget, and
+the budget coarse-to-fine needs to reach the best baseline's median final result. The issue's
+goal: at most half of that baseline's budget.
+
+    python benchmarks/search_efficiency.py --out /tmp/eff      # 4 methods x 5 seeds, ~1.5 h
+    python benchmarks/search_efficiency.py --out /tmp/eff --methods c2f-full-schedule
+    python benchmarks/search_efficiency.py --seeds 0 --methods random --budget 600 --out /tmp/e
+    python benchmarks/search_efficiency.py --out /tmp/eff --report   # the tables again
+
+Each (method, seed) runs in its own process (``--jobs`` at once, the cores split between
+them) and leaves ``<out>/<method>-s<seed>.json``; a finished one is not run again.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import math
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from studies.config import StageSpec, StudyConfig, load_study  # noqa: E402
+from studies.objective import Report, TrialOutcome, run_trial  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+QUICKSTART = REPO / "studies" / "configs" / "quickstart.yaml"
+BUDGET = 16 * 120 + 8 * 300  # trial-steps the quickstart's stages can spend
+TRIAL_STEPS = 300  # the baselines' trial budget: the quickstart's final stage's
+FIRST_EVAL = 20  # the quickstart's eval_every: the earliest step a pruner can stop a trial at
+FRACTIONS = (0.125, 0.25, 0.5, 1.0)
+COARSE_TO_FINE = ("coarse-to-fine", "c2f-full-schedule")
+GOAL = 0.5  # coarse-to-fine should reach the best baseline's result with this share of budget
+
+
+# A coarse-to-fine variant: the coarse stage trains on the final 300-step schedule and ASHA
+# stops most trials early (rungs 20, 60, 180), so its survivors are final-budget results and
+# the coarse ranking is not biased by a shorter schedule; the fine stage narrows around them.
+FULL_SCHEDULE = [
+    {"name": "coarse", "sampler": "sobol", "trials": 16, "budget": {"steps": TRIAL_STEPS},
+     "pruner": {"name": "asha", "min_resource": FIRST_EVAL, "reduction_factor": 3}},
+    {"name": "fine", "sampler": "tpe", "trials": 8, "budget": {"steps": TRIAL_STEPS},
+     "pruner": {"name": "median", "min_resource": 100, "startup_trials": 3},
+     "narrow": {"top_k": 4, "warm_start": False}},
+]  # fmt: skip
+
+# method -> (backend, the one stage's sampler and pruner, or the stages; None: the quickstart's)
+METHODS: dict[str, tuple[str, tuple[str, dict[str, Any]] | list[dict[str, Any]] | None]] = {
+    "coarse-to-fine": ("optuna", None),
+    "c2f-full-schedule": ("optuna", FULL_SCHEDULE),
+    "tpe-median": ("optuna", ("tpe", {"name": "median", "startup_trials": 5})),
+    "ray-random-asha": (
+        "ray",
+        ("random", {"name": "asha", "min_resource": FIRST_EVAL, "reduction_factor": 4}),
+    ),
+    "random": ("optuna", ("random", {"name": "none"})),
+}
+
+
+# ---------------------------------------------------------------------------------------------
+# One run: a method and a seed
+
+
+def method_study(method: str, seed: int, budget: int) -> StudyConfig:
+    """The quickstart study as `method` searches it with `seed`, MLflow off. A baseline's
+    stage asks for more trials than `budget` can pay for (the ledger ends the search)."""
+    backend, search = METHODS[method]
+    items = [
+        f"name={method}-s{seed}",
+        f"seed={seed}",
+        f"overrides.seed={seed}",
+        "overrides.tracking.enabled=false",
+        f"backend={backend}",
+    ]
+    if isinstance(search, list):
+        items.append(f"stages={json.dumps(search)}")
+    elif search is not None:
+        sampler, pruner = search
+        shortest = TRIAL_STEPS if pruner["name"] == "none" else FIRST_EVAL
+        stage = {
+            "name": "search",
+            "sampler": sampler,
+            "trials": budget // shortest + 1,
+            "budget": {"steps": TRIAL_STEPS},
+            "pruner": pruner,
+        }
+        items.append(f"stages={json.dumps([stage])}")
+    return load_study(QUICKSTART, items)
+
+
+def budgeted_trial(
+    study: StudyConfig,
+    stage: StageSpec,
+    params: dict[str, Any],
+    *,
+    trial_id: str,
+    report: Report | None = None,
+    runs_dir: Path | None = None,
+    **kwargs: Any,
+) -> TrialOutcome:
+    """`run_trial` while the ledger in `runs_dir` has budget left; afterwards, nothing."""
+    assert runs_dir is not None
+    ledger = Path(runs_dir) / "ledger.jsonl"
+    total = int(json.loads((Path(runs_dir) / "budget.json").read_text())["total"])
+    spent = sum(entry["steps"] for entry in _read_ledger(ledger))
+    if spent >= total:
+        return TrialOutcome("failed", None, "budget spent", 0, [])
+    started = time.perf_counter()
+    outcome = run_trial(
+        study, stage, params, trial_id=trial_id, report=report, runs_dir=runs_dir, **kwargs
+    )
+    entry = {
+        "trial": trial_id,
+        "stage": stage.name,
+        "state": outcome.state,
+        "value": outcome.value,
+        "steps": outcome.steps,
+        "seconds": round(time.perf_counter() - started, 3),
+        "params": params,
+    }
+    with ledger.open("a") as stream:
+        stream.write(json.dumps(entry) + "\n")
+    return outcome
+
+
+def _read_ledger(path: Path) -> list[dict[str, Any]]:
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def curve(entries: Sequence[dict[str, Any]], budget: int) -> list[tuple[int, float]]:
+    """(trial-steps spent, best complete value so far) after each trial that ended within the
+    budget and improved the best."""
+    points: list[tuple[int, float]] = []
+    spent = 0
+    best = math.inf
+    for entry in entries:
+        spent += int(entry["steps"])
+        if spent > budget:
+            break
+        value = entry["value"]
+        complete = entry["state"] == "complete" and value is not None
+        if complete and math.isfinite(value) and value < best:
+            best = value
+            points.append((spent, best))
+    return points
+
+
+def best_at(points: Sequence[tuple[int, float]], spent: float) -> float:
+    """The best value after `spent` trial-steps (inf before the first complete trial)."""
+    values = [value for steps, value in points if steps <= spent]
+    return min(values) if values else math.inf
+
+
+def steps_to_reach(points: Sequence[tuple[int, float]], target: float) -> float:
+    """Trial-steps until the best value is at most `target` (inf: never within the budget)."""
+    return next((float(steps) for steps, value in points if value <= target), math.inf)
+
+
+def run_one(method: str, seed: int, budget: int, out: Path) -> dict[str, Any]:
+    """Run `method` with `seed` in `out/<method>-s<seed>/` and summarise it."""
+    from studies.optuna_backend import run_optuna
+    from studies.ray_backend import run_ray
+
+    study = method_study(method, seed, budget)
+    runs = (out / f"{method}-s{seed}").absolute()
+    runs.mkdir(parents=True, exist_ok=True)
+    (runs / "budget.json").write_text(json.dumps({"total": budget}))
+    started = time.perf_counter()
+    if study.backend == "ray":
+        # the Ray workers import this module for the trainable
+        here = str(Path(__file__).resolve().parent)
+        os.environ["PYTHONPATH"] = os.pathsep.join(
+            [here, str(REPO), os.environ.get("PYTHONPATH", "")]
+        )
+        run_ray(study, runs_dir=runs, workers=1, trial_fn=budgeted_trial)
+    else:
+        run_optuna(study, runs_dir=runs, workers=1, trial_fn=budgeted_trial)
+    entries = _read_ledger(runs / "ledger.jsonl")
+    return {
+        "method": method,
+        "seed": seed,
+        "budget": budget,
+        "seconds": round(time.perf_counter() - started, 1),
+        "trials": entries,
+        "curve": curve(entries, budget),
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# All runs, and the report
+
+
+def _median(values: Sequence[float]) -> float:
+    return statistics.median(values) if values else math.nan
+
+
+def report(results: Sequence[dict[str, Any]]) -> str:
+    """The tables: best value against budget per method, and the goal."""
+    budget = int(results[0]["budget"])
+    by_method: dict[str, list[dict[str, Any]]] = {}
+    for result in results:
+        by_method.setdefault(result["method"], []).append(result)
+    lines = [
+        f"budget {budget} trial-steps; median (min-max) over seeds of the best final val loss "
+        "of complete trials after spending each share of the budget",
+        f"{'method':16} {'seeds':>5} "
+        + " ".join(f"{f'{f:g} B':>20}" for f in FRACTIONS)
+        + f" {'trials':>7} {'min':>6}",
+    ]
+    finals: dict[str, float] = {}
+    for method, runs in by_method.items():
+        cells = []
+        for fraction in FRACTIONS:
+            values = [best_at(r["curve"], fraction * budget) for r in runs]
+            cells.append(
+                f"{_median(values):.4f} ({min(values):.3f}-{max(values):.3f})"
+                if all(math.isfinite(v) for v in values)
+                else f"{_median(values):.4f} (some none)"
+            )
+        finals[method] = _median([best_at(r["curve"], budget) for r in runs])
+        counted = [sum(1 for _ in _within(r["trials"], budget)) for r in runs]
+        minutes = _median([r["seconds"] / 60 for r in runs])
+        lines.append(
+            f"{method:16} {len(runs):>5} "
+            + " ".join(f"{c:>20}" for c in cells)
+            + f" {_median(counted):>7g} {minutes:>6.1f}"
+        )
+    baselines = {m: v for m, v in finals.items() if m not in COARSE_TO_FINE}
+    if baselines:
+        best_baseline = min(baselines, key=lambda m: baselines[m])
+        target = baselines[best_baseline]
+        lines.append(f"best baseline: {best_baseline}, median final {target:.4f}")
+    for method in COARSE_TO_FINE:
+        if method not in by_method or not baselines:
+            continue
+        for baseline, final in sorted(baselines.items(), key=lambda item: item[1]):
+            steps = [steps_to_reach(r["curve"], final) for r in by_method[method]]
+            lines.append(
+                f"{method} reaches {baseline}'s median final {final:.4f} with a median "
+                f"{_median(steps):g} trial-steps ({_median(steps) / budget:.2f} of the budget; "
+                f"per seed: {', '.join(f'{n:g}' for n in steps)})"
+            )
+        needed = [steps_to_reach(r["curve"], target) for r in by_method[method]]
+        share = _median(needed) / budget
+        verdict = "met" if share <= GOAL else "not met"
+        reached = sum(1 for n in needed if math.isfinite(n))
+        lines.append(
+            f"{method} reaches it in {reached} of {len(needed)} seeds; median budget needed "
+            f"{_median(needed):g} trial-steps = {share:.2f} of the baseline's (goal <= {GOAL}: "
+            f"{verdict}); per seed: {', '.join(f'{n:g}' for n in needed)}"
+        )
+    return "\n".join(lines)
+
+
+def _within(entries: Sequence[dict[str, Any]], budget: int) -> list[dict[str, Any]]:
+    """The trials that ended within the budget."""
+    kept, spent = [], 0
+    for entry in entries:
+        spent += int(entry["steps"])
+        if spent > budget:
+            break
+        kept.append(entry)
+    return kept
+
+
+def _run_child(method: str, seed: int, budget: int, out: Path, threads: int) -> Path:
+    target = out / f"{method}-s{seed}.json"
+    if target.exists():
+        return target
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+    log = out / f"{method}-s{seed}.log"
+    command = [sys.executable, __file__, "--one", method, str(seed), "--budget", str(budget)]
+    with log.open("w") as stream:
+        subprocess.run(
+            [*command, "--out", str(out)], env=env, stdout=stream, stderr=stream, check=True
+        )
+    return target
+
+
+def plot(results: Sequence[dict[str, Any]], path: Path) -> None:
+    """Median best-so-far against budget spent, one line per method."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    budget = int(results[0]["budget"])
+    grid = [budget * i / 64 for i in range(1, 65)]
+    fig, ax = plt.subplots(figsize=(6.4, 4.0))
+    methods = sorted({r["method"] for r in results})
+    for method in methods:
+        runs = [r for r in results if r["method"] == method]
+        ys = [_median([best_at(r["curve"], s) for r in runs]) for s in grid]
+        ax.plot(grid, ys, label=method, drawstyle="steps-post")
+    ax.set_xlabel("trial-steps spent")
+    ax.set_ylabel("best val loss (median over seeds)")
+    ax.set_ylim(top=2.6)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--methods",
+        nargs="+",
+        choices=list(METHODS),
+        default=[m for m in METHODS if m != "c2f-full-schedule"],
+        help="default: coarse-to-fine and the three baselines",
+    )
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2, 3, 4])
+    parser.add_argument("--budget", type=int, default=BUDGET, help="trial-steps per method")
+    parser.add_argument("--jobs", type=int, default=2, help="runs at once (default 2)")
+    parser.add_argument("--out", type=Path, required=True, help="folder for the runs")
+    parser.add_argument("--one", nargs=2, metavar=("METHOD", "SEED"), help=argparse.SUPPRESS)
+    parser.add_argument("--report", action="store_true", help="only report the finished runs")
+    args = parser.parse_args(argv)
+    args.out.mkdir(parents=True, exist_ok=True)
+
+    if args.one:
+        method, seed = args.one[0], int(args.one[1])
+        result = run_one(method, seed, args.budget, args.out)
+        target = args.out / f"{method}-s{seed}.json"
+        tmp = target.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(result))
+        os.replace(tmp, target)
+        return 0
+
+    print(f"# {' '.join([Path(sys.argv[0]).name, *(argv or sys.argv[1:])])}")
+    print(
+        f"# {dt.datetime.now().isoformat(timespec='seconds')}, {platform.node()}, "
+        f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
+        f"Python {platform.python_version()}"
+    )
+    if not args.report:
+        threads = max(1, (os.cpu_count() or 1) // max(1, args.jobs))
+        jobs = [(m, s) for s in args.seeds for m in args.methods]
+        with ThreadPoolExecutor(max_workers=args.jobs) as pool:
+            futures = [
+                pool.submit(_run_child, m, s, args.budget, args.out, threads) for m, s in jobs
+            ]
+            for future in futures:
+                future.result()
+    results = [json.loads(p.read_text()) for p in sorted(args.out.glob("*-s*.json"))]
+    results = [r for r in results if r["method"] in args.methods and r["seed"] in args.seeds]
+    if not results:
+        print("no finished runs")
+        return 1
+    print(report(results))
+    plot(results, args.out / "search_efficiency.png")
+    print(f"# plot: {args.out / 'search_efficiency.png'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
