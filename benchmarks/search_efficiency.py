@@ -13,8 +13,9 @@ quickstart's stages can spend, 16 x 120 + 8 x 300):
 - ``ray-random-asha``: the Ray backend: random search with ASHA (Ray's default reduction
   factor 4, grace period 20 steps, the first evaluation), every trial up to 300 steps.
 - ``random``: random search, no pruning, every trial 300 steps.
-- ``c2f-full-schedule`` (not run by default): a coarse-to-fine variant whose coarse stage
-  trains on the final 300-step schedule, stopped early by ASHA.
+- ``c2f-full-schedule`` and ``c2f-bracket`` (not run by default): coarse-to-fine variants, the
+  first with the coarse stage on the final 300-step schedule stopped early by ASHA, the second
+  the quickstart with bracketing narrowing (``narrow: {bracket: true}``).
 
 The baselines get as many trials as the budget pays for: a ledger counts the steps each trial
 trained (pruned ones included), and once it reaches the budget the remaining trials end at
@@ -57,6 +58,8 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import yaml  # noqa: E402
+
 from studies.config import StageSpec, StudyConfig, load_study  # noqa: E402
 from studies.objective import Report, TrialOutcome, run_trial  # noqa: E402
 
@@ -66,7 +69,7 @@ BUDGET = 16 * 120 + 8 * 300  # trial-steps the quickstart's stages can spend
 TRIAL_STEPS = 300  # the baselines' trial budget: the quickstart's final stage's
 FIRST_EVAL = 20  # the quickstart's eval_every: the earliest step a pruner can stop a trial at
 FRACTIONS = (0.125, 0.25, 0.5, 1.0)
-COARSE_TO_FINE = ("coarse-to-fine", "c2f-full-schedule")
+COARSE_TO_FINE = ("coarse-to-fine", "c2f-full-schedule", "c2f-bracket")
 GOAL = 0.5  # coarse-to-fine should reach the best baseline's result with this share of budget
 
 
@@ -81,10 +84,19 @@ FULL_SCHEDULE = [
      "narrow": {"top_k": 4, "warm_start": False}},
 ]  # fmt: skip
 
+# The quickstart with bracketing narrowing: the fine range reaches out to the nearest worse
+# coarse trials, so a coarse ranking biased towards small learning rates cannot cut off the
+# optimum between the top 4 and the next value tried above them.
+BRACKET = [
+    {**stage, "narrow": {**stage["narrow"], "bracket": True}} if "narrow" in stage else stage
+    for stage in yaml.safe_load(QUICKSTART.read_text())["stages"]
+]
+
 # method -> (backend, the one stage's sampler and pruner, or the stages; None: the quickstart's)
 METHODS: dict[str, tuple[str, tuple[str, dict[str, Any]] | list[dict[str, Any]] | None]] = {
     "coarse-to-fine": ("optuna", None),
     "c2f-full-schedule": ("optuna", FULL_SCHEDULE),
+    "c2f-bracket": ("optuna", BRACKET),
     "tpe-median": ("optuna", ("tpe", {"name": "median", "startup_trials": 5})),
     "ray-random-asha": (
         "ray",
@@ -347,7 +359,7 @@ def main(argv: list[str] | None = None) -> int:
         "--methods",
         nargs="+",
         choices=list(METHODS),
-        default=[m for m in METHODS if m != "c2f-full-schedule"],
+        default=[m for m in METHODS if m not in ("c2f-full-schedule", "c2f-bracket")],
         help="default: coarse-to-fine and the three baselines",
     )
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2, 3, 4])

@@ -343,6 +343,12 @@ class NarrowSpec(BaseModel):
         default=True,
         description="Enqueue the top-k (those inside the new space) as the stage's first trials.",
     )
+    bracket: bool = Field(
+        default=False,
+        description="Extend each end of a numeric range to the nearest value a finished trial "
+        "outside the top-k tried there, so an optimum between the top-k and its worse "
+        "neighbours stays inside.",
+    )
 
     @model_validator(mode="after")
     def _check_quantiles(self) -> NarrowSpec:

@@ -10,6 +10,7 @@ Narrowing one numeric parameter (in log space for log parameters):
 
 1. The new range spans the `quantiles` of the top-k trials' values, and always the best value.
 2. Too narrow (the top-k agree)? Widen it to `min_width` of the old width, around its centre.
+   With ``bracket``, extend each end to the nearest value a worse finished trial tried beyond it.
 3. The best within `edge_margin` of an old bound? The optimum may lie past it: the range grows
    `widen` times, the extra past that bound.
 4. Clip to the trainer field's hard limits (`studies.config.space_limits`), never invert.
@@ -85,7 +86,8 @@ def narrow_space(
     parameter saying what changed). Failed or pruned trials (value None or not finite) are
     ignored; with none finished the space is returned unchanged.
     """
-    top = top_trials(trials, direction, spec.top_k)
+    finished = top_trials(trials, direction)
+    top = finished[: spec.top_k]
     if not top:
         return dict(space), [], ["no finished trials to narrow from: space unchanged"]
     limits = limits or {}
@@ -108,7 +110,10 @@ def narrow_space(
             new = ParamSpec(type="categorical", choices=kept, condition=condition)
             notes.append(f"{name}: {old.describe()} -> {new.describe()}")
         else:
-            new, note = _narrow_numeric(name, old, values, best.get(name), spec, limits.get(name))
+            tried = [params[name] for params, _ in finished if name in params]
+            new, note = _narrow_numeric(
+                name, old, values, best.get(name), spec, limits.get(name), tried
+            )
             new = new.model_copy(update={"condition": condition})
             notes.append(note)
         new_space[name] = new
@@ -141,6 +146,7 @@ def _narrow_numeric(
     best_value: Any,
     spec: NarrowSpec,
     limit: Limits | None,
+    tried: Sequence[Any] = (),
 ) -> tuple[ParamSpec, str]:
     forward, back = (math.log, math.exp) if old.log else (float, float)
     old_low, old_high = (forward(bound) for bound in old.bounds)
@@ -157,6 +163,11 @@ def _narrow_numeric(
         low, high = centre - half, centre + half
         shift = max(old_low - low, 0.0) - max(high - old_high, 0.0)
         low, high = low + shift, high + shift
+    # 2b. bracketing: out to the nearest values worse trials tried beyond the range
+    if spec.bracket:
+        others = [forward(value) for value in tried]
+        low = max((p for p in others if p < low), default=low)
+        high = min((p for p in others if p > high), default=high)
     # 3. the best at an edge: the optimum may lie past it
     edge = None
     if best is not None and spec.widen > 1.0:

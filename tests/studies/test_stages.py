@@ -61,6 +61,21 @@ def test_narrowed_range_contains_the_optimum_and_is_narrower() -> None:
     assert 1 <= len(warm) <= 5 and all(lr.contains(start["optimizer.lr"]) for start in warm)
 
 
+def test_bracket_reaches_out_to_the_nearest_worse_trials() -> None:
+    # the top 3 sit below the optimum (the coarse ranking was biased); the worse neighbour
+    # that was tried above them must bound the new range, not the top 3 themselves
+    lrs = [1e-4, 1e-3, 1.5e-3, 2e-3, 7e-3, 3e-2]
+    values = [3.0, 2.5, 2.45, 2.4, 2.6, 3.5]
+    trials = [({"optimizer.lr": lr}, v) for lr, v in zip(lrs, values, strict=True)]
+    space = {"optimizer.lr": LR}
+    plain, _, _ = narrow_space(space, trials, NarrowSpec(top_k=3, widen=1.0), "minimize")
+    spec = NarrowSpec(top_k=3, widen=1.0, bracket=True)
+    bracketed, _, notes = narrow_space(space, trials, spec, "minimize")
+    assert plain["optimizer.lr"].bounds[1] < 3e-3  # the top-3 span (at least min_width wide)
+    assert bracketed["optimizer.lr"].bounds == (1e-4, 7e-3)
+    assert notes == ["optimizer.lr: [1e-05, 0.1] log -> [0.0001, 0.007] log"]
+
+
 def test_best_at_the_upper_edge_widens_past_it() -> None:
     space = {"optimizer.lr": LR}
     trials = lr_trials(optimum=1.0)  # the further up the better: the best sits at the old high
