@@ -51,6 +51,7 @@ __all__ = [
     "SweepView",
     "best_trial",
     "comparable_trials",
+    "study_ranking",
     "count_trials",
     "prepare_study",
     "preflight",
@@ -370,12 +371,9 @@ def summarise(
 ) -> dict[str, Any]:
     """The sweep's summary: best value and params, counts, top trials, stages, artifacts."""
     direction = study.objective.direction or "minimize"
-    chosen = next(
-        (r for r in reversed(reports) if best_trial(r.trials, direction) is not None), None
-    )
-    comparable = comparable_trials(reports, chosen)
-    best = best_trial(comparable, direction)
-    top = ranked_trials(comparable, direction)[:TOP_TRIALS]
+    chosen, ranked = study_ranking(reports, direction)
+    best = ranked[0] if ranked else None
+    top = ranked[:TOP_TRIALS]
     out_dir = runs_dir / study.name
     artifacts: dict[str, Any] = {"plots": [], "importances": {}, "best_config": None, "notes": []}
     if tracker is not None:
@@ -419,6 +417,17 @@ def summarise(
         "stages": [report.to_dict(direction) for report in reports],
         "failures": {report.name: _failure_reasons(report.trials) for report in reports},
     }
+
+
+def study_ranking(
+    reports: Sequence[StageReport], direction: str
+) -> tuple[StageReport | None, list[dict[str, Any]]]:
+    """(the last stage with a complete trial, the complete trials of every stage trained with
+    its budget, best first): how a study's best and top trials are chosen."""
+    chosen = next(
+        (r for r in reversed(reports) if best_trial(r.trials, direction) is not None), None
+    )
+    return chosen, ranked_trials(comparable_trials(reports, chosen), direction)
 
 
 def comparable_trials(

@@ -150,12 +150,12 @@ def _load(name: str, storage: str, backend: str) -> list[StageReport]:
 
 def _show(name: str, storage: str, reports: list[StageReport], as_json: bool) -> int:
     from studies.optuna_backend import redact, stage_direction, stage_metric
-    from studies.sweep import best_trial, ranked_trials
+    from studies.sweep import study_ranking
 
     direction = stage_direction(reports[0])
     metric = stage_metric(reports[0])
-    chosen = next((r for r in reversed(reports) if best_trial(r.trials, direction)), None)
-    top = ranked_trials(chosen.trials, direction)[:TOP_TRIALS] if chosen else []
+    _, ranked = study_ranking(reports, direction)
+    top = ranked[:TOP_TRIALS]
     if as_json:
         best = top[0] if top else None
         output.print_json(
@@ -230,16 +230,14 @@ def _show(name: str, storage: str, reports: list[StageReport], as_json: bool) ->
 def _best(name: str, reports: list[StageReport], as_json: bool) -> int:
     from studies.errors import StudyError
     from studies.optuna_backend import stage_direction, stage_metric
-    from studies.sweep import best_trial
+    from studies.sweep import study_ranking
 
     direction = stage_direction(reports[0])
     metric = stage_metric(reports[0])
-    for report in reversed(reports):
-        best = best_trial(report.trials, direction)
-        if best is not None:
-            break
-    else:
+    _, ranked = study_ranking(reports, direction)
+    if not ranked:
         raise StudyError(f"study: '{name}' has no complete trial yet; see `scaleplan study show`")
+    best = ranked[0]
     config_text = _trial_config_text(best)
     if as_json:
         import yaml

@@ -88,6 +88,12 @@ def test_each_arm_runs_the_study_and_the_best_of_each_is_compared(
         reports = load_stage_reports(row["study"], str(runs / row["study"] / "optuna.journal"))
         done = [t["value"] for t in comparable_trials(reports, reports[-1])]
         assert len(done) == 5 and row["best_value"] == min(v for v in done if v is not None)
+        # `study best` and `study show` pick the same trial as the sweep
+        capsys.readouterr()
+        assert main(["study", "best", row["study"], "--runs-dir", str(runs), "--json"]) == 0
+        assert json.loads(capsys.readouterr().out)["best_value"] == row["best_value"]
+        assert main(["study", "show", row["study"], "--runs-dir", str(runs), "--json"]) == 0
+        assert json.loads(capsys.readouterr().out)["best_value"] == row["best_value"]
         space = reports[0].space["optimizer.lr"]
         assert (space.low, space.high) == ((1e-5, 3e-3) if row["arm"] == "lion" else (1e-4, 3e-2))
     with open(summary["table"]) as stream:
@@ -180,3 +186,21 @@ def test_ready_made_comparisons_load(name: str) -> None:
 def test_the_studies_they_run_are_plain_studies(name: str) -> None:
     path = CONFIGS / f"{name}.yaml"
     assert not is_comparison(path)
+
+
+def test_study_ranking_counts_every_stage_trained_with_the_final_budget() -> None:
+    from studies.sweep import StageCounts, StageReport, study_ranking
+
+    def report(name: str, steps: int, values: list[float]) -> StageReport:
+        trials = [
+            {"number": i, "stage": name, "state": "complete", "value": v, "params": {}}
+            for i, v in enumerate(values)
+        ]
+        return StageReport(name, 0, "sobol", "none", steps, {}, [], StageCounts(3), trials)
+
+    same = [report("coarse", 200, [2.5, 2.1]), report("fine", 200, [2.3])]
+    chosen, ranked = study_ranking(same, "minimize")
+    assert chosen is same[1] and [t["value"] for t in ranked] == [2.1, 2.3, 2.5]
+    shorter = [report("coarse", 120, [2.5, 2.1]), report("fine", 300, [2.3])]
+    _, ranked = study_ranking(shorter, "minimize")
+    assert [t["value"] for t in ranked] == [2.3]  # a 120-step value does not compare
