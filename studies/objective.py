@@ -34,7 +34,6 @@ Example:
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import re
 import shutil
@@ -53,6 +52,7 @@ __all__ = [
     "Report",
     "TrialOutcome",
     "trial_dir",
+    "trial_run_id",
     "run_trial",
 ]
 
@@ -193,7 +193,7 @@ def _outcome(
     common: dict[str, Any] = {
         "steps": result.steps,
         "intermediate": intermediate,
-        "run_id": _run_id(out_dir),
+        "run_id": trial_run_id(out_dir),
         "out_dir": str(out_dir),
         "params_count": result.n_params,
         "tokens": result.tokens,
@@ -225,7 +225,9 @@ def _diverged(result: RunResult) -> str:
 
 def _failed(out_dir: Path, intermediate: list[tuple[int, float]], reason: str) -> TrialOutcome:
     """A trial that raised: what its folder says about it (it may have none)."""
-    run = _read_json(out_dir / "run.json") or {}
+    from trainer.tracking import read_json_object
+
+    run = read_json_object(out_dir / "run.json") or {}
     steps = intermediate[-1][0] if intermediate else 0
     count = run.get("n_params")
     return TrialOutcome(
@@ -234,7 +236,7 @@ def _failed(out_dir: Path, intermediate: list[tuple[int, float]], reason: str) -
         reason,
         steps=steps,
         intermediate=intermediate,
-        run_id=_run_id(out_dir),
+        run_id=trial_run_id(out_dir),
         out_dir=str(out_dir),
         params_count=int(count) if isinstance(count, int) else None,
         tokens=None,
@@ -280,15 +282,10 @@ def _with_study_tracking(study: StudyConfig, config: Any) -> Any:
     return config.model_copy(update={"tracking": tracking})
 
 
-def _run_id(out_dir: Path) -> str | None:
-    record = _read_json(out_dir / "tracking.json") or {}
+def trial_run_id(out_dir: Path) -> str | None:
+    """The MLflow run id a trial's trainer recorded in its folder (tracking.json), if any."""
+    from trainer.tracking import read_json_object
+
+    record = read_json_object(out_dir / "tracking.json") or {}
     run_id = record.get("run_id")
     return str(run_id) if run_id else None
-
-
-def _read_json(path: Path) -> dict[str, Any] | None:
-    try:
-        payload = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-    return payload if isinstance(payload, dict) else None

@@ -65,7 +65,7 @@ from studies.config import (
     trial_config,
 )
 from studies.errors import StudyError
-from studies.objective import TrialOutcome, run_trial, trial_dir
+from studies.objective import TrialOutcome, run_trial, trial_dir, trial_run_id
 from studies.sweep import NullView, StageCounts, StageReport, SweepView, count_trials
 
 if TYPE_CHECKING:
@@ -619,7 +619,7 @@ def _record_interrupted(
     for trial in trials:
         trial_id = f"{ctx.spec.name}-{trial.number}"
         out_dir = trial_dir(ctx.study, trial_id, ctx.runs_dir)
-        run_id = _read_run_id(out_dir)
+        run_id = trial_run_id(out_dir)
         outcome = TrialOutcome(
             "failed",
             None,
@@ -630,16 +630,6 @@ def _record_interrupted(
             out_dir=str(out_dir),
         )
         tracker.record_trial(outcome, number=trial.number, stage=ctx.spec.name, params=trial.params)
-
-
-def _read_run_id(out_dir: Path) -> str | None:
-    import json
-
-    try:
-        record = json.loads((out_dir / "tracking.json").read_text())
-    except (OSError, ValueError):
-        return None
-    return str(record["run_id"]) if isinstance(record, dict) and record.get("run_id") else None
 
 
 def _work(

@@ -102,7 +102,7 @@ from studies.config import (
     trial_config,
 )
 from studies.errors import StudyError
-from studies.objective import TrialOutcome, trial_dir
+from studies.objective import TrialOutcome, trial_dir, trial_run_id
 from studies.space import active_params
 from studies.sweep import NullView, StageCounts, StageReport, SweepView, count_trials
 
@@ -1040,7 +1040,7 @@ def _end_interrupted_run(
     weights ends its earlier run the same way, as "exploited"."""
     if ctx.parent_run_id is None:
         return
-    run_id = _read_run_id(trial_dir(ctx.study, trial_id, ctx.runs_dir))
+    run_id = trial_run_id(trial_dir(ctx.study, trial_id, ctx.runs_dir))
     if run_id is None:
         return
     try:
@@ -1285,7 +1285,7 @@ def trial_record(
         "tokens": _int_or_none(metrics.get("tokens")) if "state" in metrics else None,
         "params_count": _int_or_none(metrics.get("params_count")) if "state" in metrics else None,
         "out_dir": out_dir,
-        "run_id": str(metrics.get("run_id") or "") or _read_run_id(Path(out_dir)),
+        "run_id": str(metrics.get("run_id") or "") or trial_run_id(Path(out_dir)),
         "intermediate": intermediate,
         "started": _started(result),
         "tune_trial_id": str(metrics.get("trial_id") or "") or None,
@@ -1495,14 +1495,6 @@ def _record_from_json(record: Mapping[str, Any]) -> dict[str, Any]:
 
 # ---------------------------------------------------------------------------------------------
 # Small helpers
-
-
-def _read_run_id(out_dir: Path) -> str | None:
-    try:
-        record = json.loads((out_dir / "tracking.json").read_text())
-    except (OSError, ValueError):
-        return None
-    return str(record["run_id"]) if isinstance(record, dict) and record.get("run_id") else None
 
 
 def _finite(value: Any) -> bool:

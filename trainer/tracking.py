@@ -253,7 +253,7 @@ class Tracker:
                     f"no answer within {self.FINISH_TIMEOUT_S:.0f} s at finish", unreachable=True
                 )
         self._file.close()
-        state = _read_json(self.run_dir / TRACKING_FILE) or {
+        state = read_json_object(self.run_dir / TRACKING_FILE) or {
             "run_id": None,
             "tracking_uri": self.tracking_uri,
             "experiment": self.experiment,
@@ -294,7 +294,7 @@ class Tracker:
 
         client = _open_client(uri)
         experiment_id = _experiment_id(client, self.experiment, _artifact_location(uri))
-        previous = _read_json(self.run_dir / TRACKING_FILE) if resume else None
+        previous = read_json_object(self.run_dir / TRACKING_FILE) if resume else None
         if previous and previous.get("run_id") and previous.get("tracking_uri") == uri:
             with contextlib.suppress(Exception):  # deleted run or other store: start a new one
                 _retry_locked(client.update_run, previous["run_id"], status="RUNNING")
@@ -512,7 +512,8 @@ def _truncate_metrics(path: Path, resume_step: int) -> None:
     write_text_atomic(path, text)
 
 
-def _read_json(path: Path) -> dict[str, Any] | None:
+def read_json_object(path: Path) -> dict[str, Any] | None:
+    """A JSON file holding an object, or None when it is missing, unreadable or not an object."""
     try:
         payload = json.loads(path.read_text())
     except (OSError, ValueError):

@@ -23,14 +23,11 @@ with empty loss.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import csv
 import io
 import json
 import math
-import os
 import sys
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -355,7 +352,11 @@ def _export(name: str, reports: list[StageReport], out: str | None, every: bool)
     if out is None:
         sys.stdout.write(buffer.getvalue())
         return 0
-    _write_atomic(Path(out), buffer.getvalue())
+    from trainer.tracking import write_text_atomic
+
+    target = Path(out)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(target, buffer.getvalue())
     print(f"{len(rows)} trials -> {out}", file=sys.stderr)
     return 0
 
@@ -368,19 +369,6 @@ def _cell(value: Any) -> Any:
     if value is None or (isinstance(value, float) and not math.isfinite(value)):
         return ""
     return value
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "w") as file:
-            file.write(text)
-        os.replace(temp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(temp)
-        raise
 
 
 # ---------------------------------------------------------------------------------------------
