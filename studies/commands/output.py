@@ -93,3 +93,12 @@ def print_table(
 
 def warn(message: str) -> None:
     print(f"warning: {message}", file=sys.stderr)
+
+
+def trial_labels(trials: list[dict[str, Any]]) -> tuple[str, list[str]]:
+    """(``stage fine`` or ``stages coarse, fine``, a label per trial): the trial number alone
+    when the trials share a stage, else ``<stage>-<number>`` (its folder's name)."""
+    stages = list(dict.fromkeys(str(t["stage"]) for t in trials))
+    if len(stages) == 1:
+        return f"stage {stages[0]}", [str(t["number"]) for t in trials]
+    return f"stages {', '.join(stages)}", [f"{t['stage']}-{t['number']}" for t in trials]

@@ -200,14 +200,15 @@ def _show(name: str, storage: str, reports: list[StageReport], as_json: bool) ->
     if top:
         names = list(top[0]["params"])
         lineage = any(t.get("continued_from") for t in top)  # PBT
+        where, labels = output.trial_labels(top)
         output.print_table(
-            f"Best trials (stage {top[0]['stage']})",
+            f"Best trials ({where})",
             ["#", "trial", metric, *names] + (["continued from"] if lineage else []),
             [
-                [str(rank), str(t["number"]), output.metric(t["value"])]
+                [str(rank), label, output.metric(t["value"])]
                 + [output.param(t["params"].get(key)) for key in names]
                 + ([t.get("continued_from") or "-"] if lineage else [])
-                for rank, t in enumerate(top, 1)
+                for rank, (t, label) in enumerate(zip(top, labels, strict=True), 1)
             ],
         )
     failed = [t for r in reports for t in r.trials if t["state"] in ("failed", "interrupted")]

@@ -315,13 +315,14 @@ def print_summary(summary: dict[str, Any]) -> None:
     top = summary["top"]
     if top:
         names = list(top[0]["params"])
+        where, labels = output.trial_labels(top)
         output.print_table(
-            f"Best configurations (stage {top[0]['stage']}, {metric})",
+            f"Best configurations ({where}, {metric})",
             ["#", "trial", metric, *names],
             [
-                [str(rank), str(t["number"]), output.metric(t["value"])]
+                [str(rank), label, output.metric(t["value"])]
                 + [output.param(t["params"].get(name)) for name in names]
-                for rank, t in enumerate(top, 1)
+                for rank, (t, label) in enumerate(zip(top, labels, strict=True), 1)
             ],
         )
     importances = summary["importances"]

@@ -204,3 +204,12 @@ def test_study_ranking_counts_every_stage_trained_with_the_final_budget() -> Non
     shorter = [report("coarse", 120, [2.5, 2.1]), report("fine", 300, [2.3])]
     _, ranked = study_ranking(shorter, "minimize")
     assert [t["value"] for t in ranked] == [2.3]  # a 120-step value does not compare
+
+
+def test_top_trials_from_several_stages_are_labelled_with_their_stage() -> None:
+    from studies.commands.output import trial_labels
+
+    one = [{"stage": "fine", "number": 3}, {"stage": "fine", "number": 0}]
+    assert trial_labels(one) == ("stage fine", ["3", "0"])
+    mixed = [{"stage": "fine", "number": 3}, {"stage": "coarse", "number": 3}]
+    assert trial_labels(mixed) == ("stages fine, coarse", ["fine-3", "coarse-3"])
