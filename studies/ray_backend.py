@@ -90,7 +90,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from studies.config import (
     ParamSpec,
@@ -112,8 +112,10 @@ if TYPE_CHECKING:
 
 __all__ = [
     "CHECKPOINT_META",
+    "LOST_ERROR",
     "META_FILE",
     "NUMBER_KEY",
+    "TuneTrial",
     "experiment_name",
     "load_stage_reports",
     "make_scheduler",
@@ -785,10 +787,10 @@ def _run_stage(
         raise KeyboardInterrupt(
             f"stage {stage.name}: {_finished(grid)} of {stage.trials} trials finished"
         )
-    configs = _trial_configs(grid)
+    tune_trials = _tune_trials(grid)
     trials = sorted(
         (
-            trial_record(grid[i], study, stage.name, space, runs_dir, configs)
+            trial_record(grid[i], study, stage.name, space, runs_dir, tune_trials)
             for i in range(len(grid))
         ),
         key=lambda record: int(record["number"]),
@@ -1238,17 +1240,20 @@ def trial_record(
     stage: str,
     space: Mapping[str, ParamSpec],
     runs_dir: Path,
-    configs: Mapping[str, Mapping[str, Any]] | None = None,
+    tune_trials: Mapping[str, TuneTrial] | None = None,
 ) -> dict[str, Any]:
     """A Tune `Result` as the backend-independent record of `studies.sweep.StageReport`.
 
-    Errored (a Ray-level failure): failed, with the error's type and first line. Reported an
-    outcome: its state. Neither: stopped by the scheduler, so pruned. `configs` (trial path ->
-    config) stands in for a result that never reported, whose own config is empty. Besides
+    Errored (a Ray-level failure): failed, with the error's type and first line; also when
+    Tune saved the trial as errored but not its error (a sweep killed in between). Reported an
+    outcome: its state. Neither: stopped by the scheduler, so pruned. `tune_trials` (trial path
+    -> what Tune saved of it) gives the config of a result that never reported, whose own
+    config is empty, and the trial's status. Besides
     the common keys, ``continued_from`` says whose weights a PBT trial took over last
     (``trial 3 at step 40``; None otherwise); its params are its final (perturbed) ones.
     """
-    config = result.config or (configs or {}).get(str(getattr(result, "path", ""))) or {}
+    saved = (tune_trials or {}).get(str(getattr(result, "path", "")))
+    config = result.config or (saved.config if saved else {})
     number = int(config.get(NUMBER_KEY, -1))
     params = active_params(space, config)
     metrics = result.metrics or {}
@@ -1260,6 +1265,8 @@ def trial_record(
     reason: str | None
     if result.error is not None:
         state, reason, steps = "failed", _error_reason(result.error), last_step
+    elif saved is not None and saved.status == "ERROR" and "state" not in metrics:
+        state, reason, steps = "failed", LOST_ERROR, last_step
     elif "state" in metrics:
         state = str(metrics["state"])
         reason = str(metrics.get("reason") or "") or None
@@ -1293,12 +1300,23 @@ def trial_record(
     }
 
 
-def _trial_configs(grid: Any) -> dict[str, dict[str, Any]]:
+class TuneTrial(NamedTuple):
+    """What Tune saved of a trial besides its `Result`."""
+
+    config: dict[str, Any]
+    status: str  # Tune's: TERMINATED, ERROR, ...
+
+
+# the reason of a trial Tune saved as errored without its error (killed before it was written)
+LOST_ERROR = "the trial's Ray worker failed; its error was lost when the sweep was stopped"
+
+
+def _tune_trials(grid: Any) -> dict[str, TuneTrial]:
     """Trial path -> the config Tune gave it (a trial whose worker died before its first
-    report has no config in its `Result`)."""
+    report has no config in its `Result`) and its status (a `Result` has none)."""
     try:
         trials = grid._experiment_analysis.trials
-        return {str(trial.path): dict(trial.config) for trial in trials}
+        return {str(t.path): TuneTrial(dict(t.config), str(t.status)) for t in trials}
     except Exception:  # a Ray without that attribute: the results' own configs only
         return {}
 
