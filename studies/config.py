@@ -345,9 +345,9 @@ class NarrowSpec(BaseModel):
     )
     bracket: bool = Field(
         default=False,
-        description="Extend each end of a numeric range to the nearest value a finished trial "
-        "outside the top-k tried there, so an optimum between the top-k and its worse "
-        "neighbours stays inside.",
+        description="Extend each end of a numeric range to the nearest value a trial outside "
+        "the top-k (finished, pruned or failed) tried there, so an optimum between the top-k "
+        "and its worse neighbours stays inside.",
     )
 
     @model_validator(mode="after")

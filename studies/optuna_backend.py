@@ -479,7 +479,7 @@ def _open_stage(
         space = dict(previous.space)
         notes = [f"space of stage {previous.name} kept"]
     else:
-        scored = [(t["params"], t["value"]) for t in previous.trials if t["state"] == "complete"]
+        scored = [(t["params"], t["value"]) for t in previous.trials]
         space, warm, notes = narrow_space(
             previous.space, scored, stage.narrow, direction, space_limits(study)
         )

@@ -830,7 +830,7 @@ def _stage_space(
         return dict(study.space), [], []
     if stage.narrow is None:
         return dict(previous.space), [], [f"space of stage {previous.name} kept"]
-    scored = [(t["params"], t["value"]) for t in previous.trials if t["state"] == "complete"]
+    scored = [(t["params"], t["value"]) for t in previous.trials]
     space, warm, notes = narrow_space(
         previous.space,
         scored,

@@ -10,7 +10,8 @@ Narrowing one numeric parameter (in log space for log parameters):
 
 1. The new range spans the `quantiles` of the top-k trials' values, and always the best value.
 2. Too narrow (the top-k agree)? Widen it to `min_width` of the old width, around its centre.
-   With ``bracket``, extend each end to the nearest value a worse finished trial tried beyond it.
+   With ``bracket``, extend each end to the nearest value a worse trial (finished, pruned or
+   failed) tried beyond it.
 3. The best within `edge_margin` of an old bound? The optimum may lie past it: the range grows
    `widen` times, the extra past that bound.
 4. Clip to the trainer field's hard limits (`studies.config.space_limits`), never invert.
@@ -83,8 +84,9 @@ def narrow_space(
     """The next stage's space from the earlier stage's (params, value) pairs.
 
     Returns (new space, warm starts: the top-k's params that lie inside it, notes: one line per
-    parameter saying what changed). Failed or pruned trials (value None or not finite) are
-    ignored; with none finished the space is returned unchanged.
+    parameter saying what changed). Failed or pruned trials (value None or not finite) rank
+    below every finished one: they count only as values tried, for bracketing. With none
+    finished the space is returned unchanged.
     """
     finished = top_trials(trials, direction)
     top = finished[: spec.top_k]
@@ -110,7 +112,7 @@ def narrow_space(
             new = ParamSpec(type="categorical", choices=kept, condition=condition)
             notes.append(f"{name}: {old.describe()} -> {new.describe()}")
         else:
-            tried = [params[name] for params, _ in finished if name in params]
+            tried = [params[name] for params, _ in trials if name in params]
             new, note = _narrow_numeric(
                 name, old, values, best.get(name), spec, limits.get(name), tried
             )

@@ -76,6 +76,18 @@ def test_bracket_reaches_out_to_the_nearest_worse_trials() -> None:
     assert notes == ["optimizer.lr: [1e-05, 0.1] log -> [0.0001, 0.007] log"]
 
 
+def test_bracket_counts_pruned_and_failed_trials_as_tried() -> None:
+    # early stopping leaves few finished trials besides the top-k: the pruned and failed ones
+    # (no value) were tried and lost, so they bound the range as worse finished ones do
+    lrs = [1e-4, 1e-3, 2e-3, 7e-3, 3e-2]
+    values = [None, 2.5, 2.4, None, float("nan")]
+    trials = [({"optimizer.lr": lr}, v) for lr, v in zip(lrs, values, strict=True)]
+    spec = NarrowSpec(top_k=2, widen=1.0, bracket=True)
+    new, warm, _ = narrow_space({"optimizer.lr": LR}, trials, spec, "minimize")
+    assert new["optimizer.lr"].bounds == (1e-4, 7e-3)
+    assert warm == [{"optimizer.lr": 2e-3}, {"optimizer.lr": 1e-3}]  # finished ones only
+
+
 def test_best_at_the_upper_edge_widens_past_it() -> None:
     space = {"optimizer.lr": LR}
     trials = lr_trials(optimum=1.0)  # the further up the better: the best sits at the old high
