@@ -2,20 +2,21 @@
 
 Every method searches the quickstart study's space (learning rate, warm-up fraction, weight
 decay, beta2 of gpt-tiny on the stdlib corpus) with the real trainer, one trial at a time, and
-may spend the same total budget in trial-steps (``--budget``, default 4320: what the
-quickstart's stages can spend, 16 x 120 + 8 x 300):
+may spend the same total budget in trial-steps (``--budget``, default 4320: what the first
+quickstart's stages could spend, 16 x 120 + 8 x 300):
 
 - ``coarse-to-fine``: the quickstart study as it is: 16 Sobol trials of 120 steps pruned by
-  ASHA, then 8 TPE trials of 300 steps inside the range of the coarse top 4 (warm-started),
-  pruned by the median rule.
+  ASHA, then 10 TPE trials of 300 steps inside the range of the coarse top 4 bracketed by the
+  nearest worse values tried, pruned by the median rule from step 200.
 - ``tpe-median``: Optuna's defaults, one stage: TPE (10 random start-up trials) and the
   median pruner (5 start-up trials, no warm-up), every trial 300 steps.
 - ``ray-random-asha``: the Ray backend: random search with ASHA (Ray's default reduction
   factor 4, grace period 20 steps, the first evaluation), every trial up to 300 steps.
 - ``random``: random search, no pruning, every trial 300 steps.
-- ``c2f-full-schedule`` and ``c2f-bracket`` (not run by default): coarse-to-fine variants, the
-  first with the coarse stage on the final 300-step schedule stopped early by ASHA, the second
-  the quickstart with bracketing narrowing (``narrow: {bracket: true}``).
+- Coarse-to-fine variants, not run by default: ``c2f-gp`` (the quickstart with a GP sampler in
+  the fine stage), ``c2f-first`` (the quickstart as first shipped: fine range the span of the
+  coarse top 4, which are re-run first, median rule from step 100) and ``c2f-full-schedule``
+  (the coarse stage on the final 300-step schedule, stopped early by ASHA).
 
 The baselines get as many trials as the budget pays for: a ledger counts the steps each trial
 trained (pruned ones included), and once it reaches the budget the remaining trials end at
@@ -34,6 +35,7 @@ goal: at most half of that baseline's budget.
     python benchmarks/search_efficiency.py --out /tmp/eff --methods c2f-full-schedule
     python benchmarks/search_efficiency.py --seeds 0 --methods random --budget 600 --out /tmp/e
     python benchmarks/search_efficiency.py --out /tmp/eff --report   # the tables again
+    python benchmarks/search_efficiency.py --out /tmp/eff --rank-agreement 2.35
 
 Each (method, seed) runs in its own process (``--jobs`` at once, the cores split between
 them) and leaves ``<out>/<method>-s<seed>.json``; a finished one is not run again.
@@ -69,13 +71,7 @@ BUDGET = 16 * 120 + 8 * 300  # trial-steps the quickstart's stages can spend
 TRIAL_STEPS = 300  # the baselines' trial budget: the quickstart's final stage's
 FIRST_EVAL = 20  # the quickstart's eval_every: the earliest step a pruner can stop a trial at
 FRACTIONS = (0.125, 0.25, 0.5, 1.0)
-COARSE_TO_FINE = (
-    "coarse-to-fine",
-    "c2f-full-schedule",
-    "c2f-bracket",
-    "c2f-late-tpe",
-    "c2f-late-gp",
-)
+COARSE_TO_FINE = ("coarse-to-fine", "c2f-gp", "c2f-first", "c2f-full-schedule")
 GOAL = 0.5  # coarse-to-fine should reach the best baseline's result with this share of budget
 
 
@@ -90,39 +86,28 @@ FULL_SCHEDULE = [
      "narrow": {"top_k": 4, "warm_start": False}},
 ]  # fmt: skip
 
-# The quickstart with bracketing narrowing: the fine range reaches out to the nearest worse
-# coarse trials, so a coarse ranking biased towards small learning rates cannot cut off the
-# optimum between the top 4 and the next value tried above them.
-BRACKET = [
-    {**stage, "narrow": {**stage["narrow"], "bracket": True}} if "narrow" in stage else stage
+# The quickstart's fine stage as it was first shipped: TPE started from the coarse top 4
+# (re-run at 300 steps first), the median rule from step 100, the range of the top 4 only.
+FIRST = [
+    yaml.safe_load(QUICKSTART.read_text())["stages"][0],
+    {"name": "fine", "sampler": "tpe", "trials": 8, "budget": {"steps": TRIAL_STEPS},
+     "pruner": {"name": "median", "min_resource": 100, "startup_trials": 3},
+     "narrow": {"top_k": 4, "quantiles": [0.0, 1.0], "widen": 2.0, "warm_start": True}},
+]  # fmt: skip
+
+# The quickstart with Optuna's Gaussian-process sampler in the fine stage instead of TPE.
+GP_FINE = [
+    {**stage, "sampler": "gp"} if stage["name"] == "fine" else stage
     for stage in yaml.safe_load(QUICKSTART.read_text())["stages"]
 ]
-
-
-# The quickstart's coarse stage, then a fine stage that does not trust short-horizon rankings
-# within the good region (on 215 complete 300-step trials of the runs above, val loss at steps
-# 60-120 ranks the trials that end below 2.35 with Spearman 0.26-0.38, at step 200 with 0.82):
-# bracketing narrowing, no warm starts (the coarse top re-run at 300 steps), the median rule
-# only from step 200, and the budget the coarse stage's pruning saved spent on fine trials.
-def _late_fine(sampler: str) -> list[dict[str, Any]]:
-    coarse, fine = yaml.safe_load(QUICKSTART.read_text())["stages"]
-    fine = {
-        **fine,
-        "sampler": sampler,
-        "trials": 12,
-        "pruner": {"name": "median", "min_resource": 200, "startup_trials": 3},
-        "narrow": {**fine["narrow"], "bracket": True, "warm_start": False},
-    }
-    return [coarse, fine]
 
 
 # method -> (backend, the one stage's sampler and pruner, or the stages; None: the quickstart's)
 METHODS: dict[str, tuple[str, tuple[str, dict[str, Any]] | list[dict[str, Any]] | None]] = {
     "coarse-to-fine": ("optuna", None),
+    "c2f-gp": ("optuna", GP_FINE),
+    "c2f-first": ("optuna", FIRST),
     "c2f-full-schedule": ("optuna", FULL_SCHEDULE),
-    "c2f-bracket": ("optuna", BRACKET),
-    "c2f-late-tpe": ("optuna", _late_fine("tpe")),
-    "c2f-late-gp": ("optuna", _late_fine("gp")),
     "tpe-median": ("optuna", ("tpe", {"name": "median", "startup_trials": 5})),
     "ray-random-asha": (
         "ray",
@@ -379,6 +364,44 @@ def plot(results: Sequence[dict[str, Any]], path: Path) -> None:
     plt.close(fig)
 
 
+def rank_agreement(out: Path, methods: Sequence[str], below: float) -> str:
+    """How well the validation loss at an early step ranks the final one: Spearman's rho over
+    the complete full-length trials the runs in `out` left (each trial's metrics.jsonl), for
+    all of them and for those that end below `below` (the good region)."""
+    curves: list[dict[int, float]] = []
+    for method in methods:
+        for metrics in sorted(out.glob(f"{method}-s*/*/trials/*/metrics.jsonl")):
+            points = {}
+            for line in metrics.read_text().splitlines():
+                record = json.loads(line)
+                if "val_loss" in record and math.isfinite(record["val_loss"]):
+                    points[int(record["step"])] = float(record["val_loss"])
+            if TRIAL_STEPS in points:
+                curves.append(points)
+    lines = [
+        f"rank agreement with the final val loss, {len(curves)} complete {TRIAL_STEPS}-step "
+        f"trials of {', '.join(methods)} (Spearman rho; n)"
+    ]
+    good = [c for c in curves if c[TRIAL_STEPS] < below]
+    for name, group in (("all", curves), (f"final < {below:g}", good)):
+        cells = []
+        for step in (60, 100, 120, 160, 200, 240):
+            pairs = [(c[step], c[TRIAL_STEPS]) for c in group if step in c]
+            cells.append(f"step {step}: {_spearman(pairs):.2f} ({len(pairs)})")
+        lines.append(f"  {name:14} " + "  ".join(cells))
+    return "\n".join(lines)
+
+
+def _spearman(pairs: Sequence[tuple[float, float]]) -> float:
+    if len(pairs) < 3:
+        return math.nan
+    import numpy as np
+    from scipy.stats import rankdata
+
+    ranks = [rankdata([pair[i] for pair in pairs]) for i in (0, 1)]
+    return float(np.corrcoef(ranks[0], ranks[1])[0, 1])
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
@@ -394,6 +417,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, required=True, help="folder for the runs")
     parser.add_argument("--one", nargs=2, metavar=("METHOD", "SEED"), help=argparse.SUPPRESS)
     parser.add_argument("--report", action="store_true", help="only report the finished runs")
+    parser.add_argument(
+        "--rank-agreement",
+        type=float,
+        metavar="BELOW",
+        help="only report how well early val loss ranks the final one, over the trials of the "
+        "finished runs, and among those that end below BELOW",
+    )
     args = parser.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
 
@@ -412,6 +442,9 @@ def main(argv: list[str] | None = None) -> int:
         f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
         f"Python {platform.python_version()}"
     )
+    if args.rank_agreement is not None:
+        print(rank_agreement(args.out, args.methods, args.rank_agreement))
+        return 0
     if not args.report:
         threads = max(1, (os.cpu_count() or 1) // max(1, args.jobs))
         jobs = [(m, s) for s in args.seeds for m in args.methods]

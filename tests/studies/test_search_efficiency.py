@@ -3,13 +3,20 @@ budget, only complete trials score, and trials past the budget are left out."""
 
 from __future__ import annotations
 
+import json
 import math
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
 
-from search_efficiency import best_at, curve, method_study, steps_to_reach  # noqa: E402
+from search_efficiency import (  # noqa: E402
+    best_at,
+    curve,
+    method_study,
+    rank_agreement,
+    steps_to_reach,
+)
 
 
 def entry(state: str, steps: int, value: float | None = None) -> dict[str, object]:
@@ -40,3 +47,24 @@ def test_methods_search_the_quickstart_space_with_the_same_trial_budget() -> Non
     # enough trials that the budget, not the count, ends the search: 4320 / 20 + 1
     assert stage.sampler == "tpe" and stage.pruner.name == "median" and stage.trials == 217
     assert method_study("ray-random-asha", 0, 4320).backend == "ray"
+
+
+def test_rank_agreement_ranks_early_against_final_val_loss(tmp_path: Path) -> None:
+    # four complete 300-step trials and one pruned one: at step 60 the order is reversed, from
+    # step 200 it is the final order; among the three best, step 120 gets one pair wrong
+    finals = [2.3, 2.4, 2.5, 2.6]
+    early = {60: [3.0, 2.9, 2.8, 2.7], 120: [2.55, 2.6, 2.58, 2.8], 200: [2.4, 2.5, 2.6, 2.7]}
+    trials = tmp_path / "coarse-to-fine-s0" / "coarse-to-fine-s0" / "trials"
+    for n, final in enumerate([*finals, None]):
+        folder = trials / f"fine-{n}"
+        folder.mkdir(parents=True)
+        steps = {step: values[n % 4] for step, values in early.items()}
+        if final is not None:
+            steps[300] = final
+        lines = [json.dumps({"step": step, "val_loss": value}) for step, value in steps.items()]
+        (folder / "metrics.jsonl").write_text("\n".join([*lines, json.dumps({"step": 7})]))
+    text = rank_agreement(tmp_path, ["coarse-to-fine"], below=2.55)
+    assert "4 complete 300-step trials" in text
+    everything, good = text.splitlines()[1:]
+    assert "step 60: -1.00 (4)" in everything and "step 200: 1.00 (4)" in everything
+    assert "step 120: 0.50 (3)" in good and "step 240: nan (0)" in good

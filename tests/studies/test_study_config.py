@@ -61,7 +61,8 @@ def test_quickstart_loads_with_coarse_sobol_then_fine_tpe() -> None:
     assert study.space["optimizer.lr"].log
     assert [(s.name, s.sampler) for s in study.stages] == [("coarse", "sobol"), ("fine", "tpe")]
     assert all(stage.budget.steps for stage in study.stages)
-    assert study.stages[1].narrow is not None and study.stages[1].narrow.warm_start
+    narrow = study.stages[1].narrow
+    assert narrow is not None and narrow.bracket and not narrow.warm_start
     assert study.objective.metric == "val_loss" and study.objective.direction == "minimize"
     assert study.backend == "optuna"
 
