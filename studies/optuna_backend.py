@@ -922,7 +922,7 @@ def stage_metric(report: StageReport) -> str:
 def _stage_meta(report: StageReport) -> dict[str, Any]:
     """A read-back stage's settings (metric, direction, ...), whichever backend ran it: an
     Optuna stage keeps them in its study's user attrs; a Ray stage's report carries its
-    ``scaleplan_stage.json`` as `source` (`studies.ray_backend.load_stage_reports`)."""
+    ``scaleplan_stage.json`` as `source` (`studies.ray_records.load_stage_reports`)."""
     source = report.source
     if isinstance(source, dict):
         return source

@@ -35,7 +35,8 @@ by the study's ``ray`` block) or a cluster (``--ray-address host:6379``):
   child runs through `parent_run_id` and the study's absolute tracking URI; after each stage
   the driver tags each trial's run with its state, reason and params (`record_trial`).
 - Reading back: a finished stage's trial records go into its ``scaleplan_stage.json``, so
-  `load_stage_reports` (``scaleplan study show|best|export``) reads a Ray study without Ray.
+  `studies.ray_records.load_stage_reports` (``scaleplan study show|best|export``) reads a Ray
+  study without Ray.
 
 Population Based Training (``pruner: {name: pbt, interval, quantile, resample_probability,
 synchronous}``; Jaderberg et al. 2017): Ray's `PopulationBasedTraining` on the trainer step.
@@ -79,7 +80,6 @@ Ray is imported inside the functions, so importing this module is cheap.
 from __future__ import annotations
 
 import contextlib
-import datetime as dt
 import functools
 import json
 import logging
@@ -90,7 +90,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import TYPE_CHECKING, Any
 
 from studies.config import (
     ParamSpec,
@@ -103,6 +103,21 @@ from studies.config import (
 )
 from studies.errors import StudyError
 from studies.objective import TrialOutcome, trial_dir, trial_run_id
+from studies.ray_records import (
+    NUMBER_KEY,
+    check_meta,
+    check_saved_state,
+    finite,
+    normal_storage,
+    one_line,
+    read_meta,
+    space_from_json,
+    space_to_json,
+    trial_outcome,
+    trial_record,
+    tune_trials,
+    write_meta,
+)
 from studies.space import active_params
 from studies.sweep import NullView, StageCounts, StageReport, SweepView, count_trials
 
@@ -112,21 +127,13 @@ if TYPE_CHECKING:
 
 __all__ = [
     "CHECKPOINT_META",
-    "LOST_ERROR",
-    "META_FILE",
-    "NUMBER_KEY",
-    "TuneTrial",
     "experiment_name",
-    "load_stage_reports",
     "make_scheduler",
     "pbt_mutations",
     "run_ray",
-    "trial_record",
     "trial_resources",
 ]
 
-NUMBER_KEY = "_scaleplan_number"  # the trial's number in its stage, added to each Tune config
-META_FILE = "scaleplan_stage.json"  # a stage's settings, space and notes, in its experiment dir
 # a reused actor waits this long for a stopped trial to finish writing before the next trial
 REUSE_WAIT_S = 120
 # Tune saves the experiment (trial states, searcher) at most this often: a killed sweep runs
@@ -269,7 +276,7 @@ def _tune_classes() -> SimpleNamespace:
             value = result.get("value")
             if "state" not in result and not error:  # the scheduler stopped it
                 state, value = TrialState.PRUNED, None
-            elif result.get("state") == "complete" and not error and _finite(value):
+            elif result.get("state") == "complete" and not error and finite(value):
                 state = TrialState.COMPLETE
             elif result.get("state") == "pruned" and not error:
                 state, value = TrialState.PRUNED, None
@@ -305,7 +312,7 @@ def _tune_classes() -> SimpleNamespace:
             config[NUMBER_KEY] = trial.config[NUMBER_KEY]
             for name, spec in self._scaleplan_space.items():
                 value: Any = config.get(name)
-                if spec.type != "categorical" and _finite(value):
+                if spec.type != "categorical" and finite(value):
                     low, high = spec.bounds
                     config[name] = type(value)(min(max(value, low), high))
             return config, operations
@@ -573,13 +580,7 @@ def run_ray(
 
 def _storage(study: StudyConfig, runs_dir: Path) -> str:
     """The study's Tune storage: a URI, or an absolute folder (default runs/<study>/ray)."""
-    return _normal_storage(study.resolved_storage(runs_dir))
-
-
-def _normal_storage(storage: str) -> str:
-    if "://" in storage:
-        return storage.rstrip("/")
-    return str(Path(storage).expanduser().absolute())
+    return normal_storage(study.resolved_storage(runs_dir))
 
 
 def _check_pbt(study: StudyConfig, index: int, trial_fn: TrialFn | None) -> None:
@@ -636,7 +637,7 @@ def _start_ray(study: StudyConfig, ray_address: str | None) -> bool:
         ray.init(**kwargs)
     except Exception as error:
         where = f"ray_address: {address}" if address else "ray: the local Ray"
-        raise StudyError(f"{where} could not be started or reached ({_one_line(error)})") from None
+        raise StudyError(f"{where} could not be started or reached ({one_line(error)})") from None
     try:
         _check_resources(study, ray.cluster_resources(), local=not address)
     except BaseException:
@@ -722,10 +723,10 @@ def _run_stage(
     path = f"{storage}/{name}"
     direction = study.objective.direction or "minimize"
     steps, first_eval = _stage_steps(study, stage)
-    meta = _read_meta(path)
+    meta = read_meta(path)
     if meta is not None:
-        _check_meta(study, index, meta, steps, path)
-        space = _space_from_json(meta["space"])
+        check_meta(study, index, meta, steps, path)
+        space = space_from_json(meta["space"])
         notes = list(meta.get("notes") or [])
         warm: list[dict[str, Any]] = list(meta.get("warm_starts") or [])
     else:
@@ -740,12 +741,12 @@ def _run_stage(
             "budget_steps": steps,
             "metric": study.objective.metric,
             "direction": direction,
-            "space": _space_to_json(space),
+            "space": space_to_json(space),
             "notes": notes,
             "warm_starts": warm,
             "recorded": False,
         }
-        _write_meta(path, meta)
+        write_meta(path, meta)
     view.stage_started(stage, index, space, notes)
 
     ctx = _TrialContext(
@@ -767,7 +768,7 @@ def _run_stage(
         with _quiet_tune():
             filesystem = _storage_filesystem(storage)
             if tune.Tuner.can_restore(path, storage_filesystem=filesystem):
-                _check_saved_state(path)
+                check_saved_state(path)
                 tuner = tune.Tuner.restore(
                     path,
                     trainable,
@@ -787,10 +788,10 @@ def _run_stage(
         raise KeyboardInterrupt(
             f"stage {stage.name}: {_finished(grid)} of {stage.trials} trials finished"
         )
-    tune_trials = _tune_trials(grid)
+    saved = tune_trials(grid)
     trials = sorted(
         (
-            trial_record(grid[i], study, stage.name, space, runs_dir, tune_trials)
+            trial_record(grid[i], study, stage.name, space, runs_dir, saved)
             for i in range(len(grid))
         ),
         key=lambda record: int(record["number"]),
@@ -798,10 +799,13 @@ def _run_stage(
     if tracker is not None and not meta.get("recorded"):
         for record in trials:
             tracker.record_trial(
-                _outcome(record), number=record["number"], stage=stage.name, params=record["params"]
+                trial_outcome(record),
+                number=record["number"],
+                stage=stage.name,
+                params=record["params"],
             )
         meta = {**meta, "recorded": True}
-    _write_meta(path, {**meta, "trial_records": trials})  # for `scaleplan study`
+    write_meta(path, {**meta, "trial_records": trials})  # for `scaleplan study`
     report = StageReport(
         name=stage.name,
         index=index,
@@ -1103,7 +1107,7 @@ def _run_pbt_trial(
         try:
             start = _pbt_start(tune.get_checkpoint(), Path(scratch), number)
         except Exception as error:
-            return TrialOutcome("failed", None, _one_line(error), 0, []), False, None
+            return TrialOutcome("failed", None, one_line(error), 0, []), False, None
         _, first_eval = _stage_steps(study, stage)
         checkpoints = _TuneCheckpoints(
             Path(scratch),
@@ -1228,313 +1232,3 @@ def _continued_text(continued_from: Mapping[str, int] | None) -> str:
     if not continued_from:
         return ""
     return f"trial {continued_from['number']} at step {continued_from['step']}"
-
-
-# ---------------------------------------------------------------------------------------------
-# Results as records
-
-
-def trial_record(
-    result: Any,
-    study: StudyConfig,
-    stage: str,
-    space: Mapping[str, ParamSpec],
-    runs_dir: Path,
-    tune_trials: Mapping[str, TuneTrial] | None = None,
-) -> dict[str, Any]:
-    """A Tune `Result` as the backend-independent record of `studies.sweep.StageReport`.
-
-    Errored (a Ray-level failure): failed, with the error's type and first line; also when
-    Tune saved the trial as errored but not its error (a sweep killed in between). Reported an
-    outcome: its state. Neither: stopped by the scheduler, so pruned. `tune_trials` (trial path
-    -> what Tune saved of it) gives the config of a result that never reported, whose own
-    config is empty, and the trial's status. Besides
-    the common keys, ``continued_from`` says whose weights a PBT trial took over last
-    (``trial 3 at step 40``; None otherwise); its params are its final (perturbed) ones.
-    """
-    saved = (tune_trials or {}).get(str(getattr(result, "path", "")))
-    config = result.config or (saved.config if saved else {})
-    number = int(config.get(NUMBER_KEY, -1))
-    params = active_params(space, config)
-    metrics = result.metrics or {}
-    intermediate = _intermediate(result)
-    out_dir = str(trial_dir(study, f"{stage}-{number}", runs_dir))
-    last_step = intermediate[-1][0] if intermediate else 0
-    last_value = intermediate[-1][1] if intermediate else None
-    value: float | None = None
-    reason: str | None
-    if result.error is not None:
-        state, reason, steps = "failed", _error_reason(result.error), last_step
-    elif saved is not None and saved.status == "ERROR" and "state" not in metrics:
-        state, reason, steps = "failed", LOST_ERROR, last_step
-    elif "state" in metrics:
-        state = str(metrics["state"])
-        reason = str(metrics.get("reason") or "") or None
-        steps = int(metrics.get("steps") or last_step)
-        if state == "complete" and _finite(metrics.get("value")):
-            value = float(metrics["value"])
-        elif state == "complete":
-            state, reason = "failed", f"no {study.objective.metric} was reported"
-        out_dir = str(metrics.get("out_dir") or out_dir)
-    else:
-        state, steps = "pruned", last_step
-        shown = f" ({study.objective.metric} {last_value:.4g})" if last_value is not None else ""
-        reason = f"pruned at step {last_step}{shown}"
-    return {
-        "number": number,
-        "stage": stage,
-        "state": state,
-        "value": value,
-        "last_value": value if value is not None else last_value,
-        "params": params,
-        "reason": reason,
-        "steps": steps,
-        "tokens": _int_or_none(metrics.get("tokens")) if "state" in metrics else None,
-        "params_count": _int_or_none(metrics.get("params_count")) if "state" in metrics else None,
-        "out_dir": out_dir,
-        "run_id": str(metrics.get("run_id") or "") or trial_run_id(Path(out_dir)),
-        "intermediate": intermediate,
-        "started": _started(result),
-        "tune_trial_id": str(metrics.get("trial_id") or "") or None,
-        "continued_from": str(metrics.get("continued_from") or "") or None,
-    }
-
-
-class TuneTrial(NamedTuple):
-    """What Tune saved of a trial besides its `Result`."""
-
-    config: dict[str, Any]
-    status: str  # Tune's: TERMINATED, ERROR, ...
-
-
-# the reason of a trial Tune saved as errored without its error (killed before it was written)
-LOST_ERROR = "the trial's Ray worker failed; its error was lost when the sweep was stopped"
-
-
-def _tune_trials(grid: Any) -> dict[str, TuneTrial]:
-    """Trial path -> the config Tune gave it (a trial whose worker died before its first
-    report has no config in its `Result`) and its status (a `Result` has none)."""
-    try:
-        trials = grid._experiment_analysis.trials
-        return {str(t.path): TuneTrial(dict(t.config), str(t.status)) for t in trials}
-    except Exception:  # a Ray without that attribute: the results' own configs only
-        return {}
-
-
-def _intermediate(result: Any) -> list[tuple[int, float]]:
-    """(step, objective) of every evaluation a trial reported."""
-    frame = result.metrics_dataframe
-    if frame is None or "step" not in frame or "objective" not in frame:
-        return []
-    points = []
-    for step, value in zip(frame["step"], frame["objective"], strict=True):
-        if _finite(step) and _finite(value):
-            points.append((int(step), float(value)))
-    return points
-
-
-def _started(result: Any) -> str | None:
-    frame = result.metrics_dataframe
-    if frame is None or "timestamp" not in frame or not len(frame):
-        return None
-    first = frame.iloc[0]
-    seconds = float(first["timestamp"]) - float(first.get("time_total_s", 0.0) or 0.0)
-    return dt.datetime.fromtimestamp(seconds).isoformat()
-
-
-def _outcome(record: Mapping[str, Any]) -> TrialOutcome:
-    return TrialOutcome(
-        state=record["state"],
-        value=record["value"],
-        reason=record["reason"],
-        steps=int(record["steps"] or 0),
-        intermediate=list(record["intermediate"]),
-        run_id=record["run_id"],
-        out_dir=record["out_dir"] or "",
-        params_count=record["params_count"],
-        tokens=record["tokens"],
-    )
-
-
-def _error_reason(error: BaseException) -> str:
-    """``Type: first line`` of the error inside Ray's wrapper (RayTaskError, TuneError)."""
-    cause = error
-    for _ in range(5):
-        inner = getattr(cause, "cause", None) or cause.__cause__
-        if not isinstance(inner, BaseException) or inner is cause:
-            break
-        cause = inner
-    return _one_line(cause)
-
-
-# ---------------------------------------------------------------------------------------------
-# The stage's settings beside its experiment
-
-
-def _space_to_json(space: Mapping[str, ParamSpec]) -> dict[str, Any]:
-    return {n: s.model_dump(mode="json", exclude_defaults=True) for n, s in space.items()}
-
-
-def _space_from_json(raw: Mapping[str, Any]) -> dict[str, ParamSpec]:
-    return {name: ParamSpec.model_validate(spec) for name, spec in raw.items()}
-
-
-def _check_meta(
-    study: StudyConfig, index: int, meta: Mapping[str, Any], steps: int, path: str
-) -> None:
-    """A restored stage must be the one the study file describes now."""
-    stage = study.stages[index]
-    if index == 0 and _space_from_json(meta.get("space") or {}) != study.space:
-        raise StudyError(
-            f"space: differs from the one study '{study.name}' was started with in {path}; "
-            "give the study another name or storage"
-        )
-    for field, now in (("budget", steps), ("trials", stage.trials)):
-        key = "budget_steps" if field == "budget" else field
-        if meta.get(key) != now:
-            raise StudyError(
-                f"stages.{stage.name}.{field}: {now}, but the stage was started with "
-                f"{meta.get(key)} in {path}; give the study another name or storage"
-            )
-
-
-def _check_saved_state(path: str) -> None:
-    """The newest saved experiment and searcher state must load, else Tune's restore would
-    fail half-way (and hang); a StudyError says which stage folder to remove instead."""
-    import pickle
-
-    fs, root = _filesystem(path)
-    import pyarrow.fs
-
-    names = [info.base_name for info in fs.get_file_info(pyarrow.fs.FileSelector(root))]
-    for prefix, load in (
-        ("experiment_state-", json.loads),
-        ("searcher-state-", pickle.loads),
-    ):
-        found = sorted(n for n in names if n.startswith(prefix))
-        if not found:
-            continue
-        try:
-            with fs.open_input_stream(f"{root}/{found[-1]}") as stream:
-                load(stream.read())
-        except Exception as error:
-            raise StudyError(
-                f"storage: {path}/{found[-1]} is damaged ({_one_line(error)}); delete {path} "
-                "to run that stage again"
-            ) from None
-
-
-def _filesystem(path: str) -> tuple[Any, str]:
-    import pyarrow.fs
-
-    fs, root = pyarrow.fs.FileSystem.from_uri(path)
-    return fs, str(root)
-
-
-def _read_meta(path: str) -> dict[str, Any] | None:
-    fs, root = _filesystem(path)
-    try:
-        with fs.open_input_stream(f"{root}/{META_FILE}") as stream:
-            payload = json.loads(stream.read().decode())
-    except (OSError, FileNotFoundError, ValueError):
-        return None
-    return payload if isinstance(payload, dict) else None
-
-
-def _write_meta(path: str, meta: Mapping[str, Any]) -> None:
-    """Written whole: a temp file renamed (local), or one object (object stores)."""
-    text = json.dumps(meta, indent=2, default=_plain) + "\n"
-    if "://" not in path:
-        folder = Path(path)
-        folder.mkdir(parents=True, exist_ok=True)
-        tmp = folder / f".{META_FILE}.tmp"
-        tmp.write_text(text)
-        os.replace(tmp, folder / META_FILE)
-        return
-    fs, root = _filesystem(path)
-    fs.create_dir(root, recursive=True)
-    with fs.open_output_stream(f"{root}/{META_FILE}") as stream:
-        stream.write(text.encode())
-
-
-# ---------------------------------------------------------------------------------------------
-# Reading a study back (scaleplan study show | best | export)
-
-
-def load_stage_reports(name: str, storage: str) -> list[StageReport]:
-    """The stages of study `name` in a Ray storage (a folder or URI; the default is
-    runs/<name>/ray), in order, from the ``scaleplan_stage.json`` beside each experiment; no
-    Ray is started. A stage that has not finished (its sweep is running, or was stopped) has
-    no trial records yet: it comes back with none. Each report's `source` is that meta."""
-    import pyarrow.fs
-
-    storage = _normal_storage(storage)
-    fs, root = _filesystem(storage)
-    if fs.get_file_info(root).type != pyarrow.fs.FileType.Directory:
-        raise StudyError(f"study: no Ray storage at {storage}; run `scaleplan sweep` first")
-    metas = []
-    for info in fs.get_file_info(pyarrow.fs.FileSelector(root)):
-        if info.type == pyarrow.fs.FileType.Directory:
-            meta = _read_meta(f"{storage}/{info.base_name}")
-            if meta is not None and "study" in meta:
-                metas.append(meta)
-    found = sorted((m for m in metas if m["study"] == name), key=lambda m: int(m.get("index", 0)))
-    if not found:
-        names = sorted({str(m["study"]) for m in metas})
-        known = f"; studies there: {', '.join(names)}" if names else ""
-        raise StudyError(f"study: no study '{name}' in {storage}{known}")
-    reports = []
-    for meta in found:
-        trials = [_record_from_json(record) for record in meta.get("trial_records") or []]
-        direction = str(meta.get("direction") or "minimize")
-        reports.append(
-            StageReport(
-                name=str(meta.get("stage")),
-                index=int(meta.get("index", 0)),
-                sampler=str(meta.get("sampler")),
-                pruner=str(meta.get("pruner")),
-                budget_steps=int(meta.get("budget_steps") or 0),
-                space=_space_from_json(meta.get("space") or {}),
-                notes=list(meta.get("notes") or []),
-                counts=count_trials(trials, int(meta.get("trials") or 0), direction),
-                trials=trials,
-                source=meta,
-            )
-        )
-    return reports
-
-
-def _record_from_json(record: Mapping[str, Any]) -> dict[str, Any]:
-    """A trial record as `trial_record` made it (JSON turned its (step, value) pairs into
-    lists)."""
-    points = record.get("intermediate") or []
-    return {**record, "intermediate": [(int(step), float(value)) for step, value in points]}
-
-
-# ---------------------------------------------------------------------------------------------
-# Small helpers
-
-
-def _finite(value: Any) -> bool:
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        try:
-            value = float(value)
-        except (TypeError, ValueError):
-            return False
-    return math.isfinite(value)
-
-
-def _plain(value: Any) -> Any:
-    """JSON for what `json` does not know (a NumPy number in a config)."""
-    return value.item() if hasattr(value, "item") else str(value)
-
-
-def _int_or_none(value: Any) -> int | None:
-    return int(value) if _finite(value) else None
-
-
-def _one_line(error: BaseException, limit: int = 300) -> str:
-    text = str(error).strip()
-    first = text.splitlines()[0].strip() if text else ""
-    line = f"{type(error).__name__}: {first}" if first else type(error).__name__
-    return line if len(line) <= limit else line[: limit - 3] + "..."

@@ -133,9 +133,9 @@ def _backend_of(storage: str) -> str:
 
 def _load(name: str, storage: str, backend: str) -> list[StageReport]:
     if backend == "ray":
-        from studies import ray_backend
+        from studies import ray_records
 
-        return ray_backend.load_stage_reports(name, storage)
+        return ray_records.load_stage_reports(name, storage)
     from studies import optuna_backend
 
     return optuna_backend.load_stage_reports(name, storage)

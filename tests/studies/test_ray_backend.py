@@ -26,15 +26,8 @@ import yaml
 from studies.config import PrunerSpec, StudyConfig, load_study
 from studies.errors import StudyError
 from studies.objective import TrialOutcome, run_trial, trial_dir
-from studies.ray_backend import (
-    LOST_ERROR,
-    NUMBER_KEY,
-    TuneTrial,
-    make_scheduler,
-    run_ray,
-    trial_record,
-    trial_resources,
-)
+from studies.ray_backend import make_scheduler, run_ray, trial_resources
+from studies.ray_records import LOST_ERROR, NUMBER_KEY, TuneTrial, trial_record
 
 REPO = Path(__file__).resolve().parents[2]
 HERE = Path(__file__).resolve().parent

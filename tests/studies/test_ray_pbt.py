@@ -24,7 +24,8 @@ from test_sweep_cli import write_study
 from planner.runs import load_runs
 from studies.cli import main
 from studies.config import ParamSpec, PrunerSpec
-from studies.ray_backend import CHECKPOINT_META, META_FILE, make_scheduler, pbt_mutations, run_ray
+from studies.ray_backend import CHECKPOINT_META, make_scheduler, pbt_mutations, run_ray
+from studies.ray_records import META_FILE
 from studies.sweep import StageReport
 from trainer.checkpoint import load_checkpoint
 from trainer.config import parse_config
