@@ -70,6 +70,7 @@ QUICKSTART = REPO / "studies" / "configs" / "quickstart.yaml"
 BUDGET = 16 * 120 + 8 * 300  # trial-steps the quickstart's stages can spend
 TRIAL_STEPS = 300  # the baselines' trial budget: the quickstart's final stage's
 FIRST_EVAL = 20  # the quickstart's eval_every: the earliest step a pruner can stop a trial at
+QUICKSTART_STAGES: list[dict[str, Any]] = yaml.safe_load(QUICKSTART.read_text())["stages"]
 FRACTIONS = (0.125, 0.25, 0.5, 1.0)
 COARSE_TO_FINE = ("coarse-to-fine", "c2f-gp", "c2f-first", "c2f-full-schedule")
 GOAL = 0.5  # coarse-to-fine should reach the best baseline's result with this share of budget
@@ -89,7 +90,7 @@ FULL_SCHEDULE = [
 # The quickstart's fine stage as it was first shipped: TPE started from the coarse top 4
 # (re-run at 300 steps first), the median rule from step 100, the range of the top 4 only.
 FIRST = [
-    yaml.safe_load(QUICKSTART.read_text())["stages"][0],
+    QUICKSTART_STAGES[0],
     {"name": "fine", "sampler": "tpe", "trials": 8, "budget": {"steps": TRIAL_STEPS},
      "pruner": {"name": "median", "min_resource": 100, "startup_trials": 3},
      "narrow": {"top_k": 4, "quantiles": [0.0, 1.0], "widen": 2.0, "warm_start": True}},
@@ -97,8 +98,7 @@ FIRST = [
 
 # The quickstart with Optuna's Gaussian-process sampler in the fine stage instead of TPE.
 GP_FINE = [
-    {**stage, "sampler": "gp"} if stage["name"] == "fine" else stage
-    for stage in yaml.safe_load(QUICKSTART.read_text())["stages"]
+    {**stage, "sampler": "gp"} if stage["name"] == "fine" else stage for stage in QUICKSTART_STAGES
 ]
 
 

@@ -11,9 +11,10 @@ from typing import Any
 
 import pytest
 import torch
+from test_checkpoint import digits as checkpoint_digits
 
 from trainer.checkpoint import checkpoint_path, load_checkpoint
-from trainer.config import TrainConfig, parse_config
+from trainer.config import TrainConfig
 from trainer.errors import ConfigError
 from trainer.loop import StepInfo, train
 from trainer.rundir import build_run
@@ -21,19 +22,12 @@ from trainer.schedules import lr_multiplier
 
 
 def digits(**overrides: Any) -> TrainConfig:
-    raw: dict[str, Any] = {
-        "steps": 6,
-        "log_every": 1,
-        "eval_every": 3,
-        "checkpoint_every": 3,
-        "model": {"kind": "mlp", "width": 16, "dropout": 0.1},
-        "data": {"kind": "digits", "batch_size": 16},
+    """test_checkpoint's digits run, with an optimiser and schedule the tests then change."""
+    base = {
         "optimizer": {"name": "adamw", "lr": 1e-2, "betas": [0.9, 0.95], "weight_decay": 0.0},
         "schedule": {"name": "cosine", "warmup_steps": 2},
-        "tracking": {"enabled": False},
     }
-    raw.update(overrides)
-    return parse_config(raw)
+    return checkpoint_digits(**{**base, **overrides})
 
 
 def records(run: Path) -> list[dict[str, Any]]:
