@@ -505,13 +505,13 @@ class StudyConfig(BaseModel):
                 raise StudyError(f"stages.{i}.name: '{name}' is used twice; names must differ")
         if self.stages[0].narrow is not None:
             raise StudyError(
-                f"stages.0.narrow: stage '{names[0]}' is the first; there is no earlier stage "
-                "to narrow from"
+                f"stages.{names[0]}.narrow: stage '{names[0]}' is the first; there is no earlier "
+                "stage to narrow from"
             )
-        for i, stage in enumerate(self.stages):
+        for stage in self.stages:
             if stage.pruner.name == "pbt" and self.backend != "ray":
                 raise StudyError(
-                    f"stages.{i}.pruner.name: pbt needs backend: ray (backend is "
+                    f"stages.{stage.name}.pruner.name: pbt needs backend: ray (backend is "
                     f"{self.backend}); with {self.backend} use asha, hyperband, median or none"
                 )
         _check_conditions(self.space)
@@ -630,7 +630,7 @@ def load_study(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) ->
     try:
         study = StudyConfig.model_validate(raw)
     except ValidationError as exc:
-        raise _study_error(exc) from None
+        raise _study_error(exc, raw) from None
     check_trainer_keys(study)
     return study
 
@@ -753,10 +753,11 @@ def _set_nested(node: Any, parts: list[str], value: Any, key: str) -> None:
 # pydantic's errors as one line
 
 
-def _study_error(exc: ValidationError) -> StudyError:
-    """pydantic's first error as one line: ``field.path: message (got VALUE)``."""
+def _study_error(exc: ValidationError, raw: Mapping[str, Any]) -> StudyError:
+    """pydantic's first error as one line: ``field.path: message (got VALUE)``; a stage is
+    named as in ``--set`` (``stages.fine.trials``), not by its index."""
     error = exc.errors()[0]
-    loc = [str(part) for part in error["loc"]]
+    loc = [str(part) for part in _stage_names(list(error["loc"]), raw)]
     field = ".".join(loc) or "study"
     kind, value, ctx = error["type"], error.get("input"), error.get("ctx", {})
     if kind == "value_error":
@@ -777,6 +778,17 @@ def _study_error(exc: ValidationError) -> StudyError:
         return StudyError(f"{field}: missing; required")
     message = error["msg"]
     return StudyError(f"{field}: {message[0].lower()}{message[1:]} (got {_short(value)})")
+
+
+def _stage_names(loc: list[Any], raw: Mapping[str, Any]) -> list[Any]:
+    """``stages, 1, ...`` -> ``stages, fine, ...`` when stage 1 has a name."""
+    stages = raw.get("stages")
+    if len(loc) > 1 and loc[0] == "stages" and isinstance(loc[1], int) and isinstance(stages, list):
+        stage = stages[loc[1]] if loc[1] < len(stages) else None
+        name = stage.get("name") if isinstance(stage, dict) else None
+        if isinstance(name, str) and name:
+            return [loc[0], name, *loc[2:]]
+    return loc
 
 
 def _model_at(loc: list[str]) -> type[BaseModel] | None:
@@ -984,11 +996,11 @@ def check_trainer_keys(study: StudyConfig) -> None:
                 raise StudyError(
                     f"space.{name}: {value!r} is not a valid trainer value ({error})"
                 ) from None
-    for i, stage in enumerate(study.stages):
+    for stage in study.stages:
         try:
             budget_steps(parse_config(_resolved_raw(study, {})), stage.budget)
         except StudyError as error:
-            raise StudyError(f"stages.{i}.budget.{error}") from None
+            raise StudyError(f"stages.{stage.name}.budget.{error}") from None
 
 
 def _nested(flat: Mapping[str, Any]) -> dict[str, Any]:

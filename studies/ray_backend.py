@@ -589,7 +589,7 @@ def _check_pbt(study: StudyConfig, index: int, trial_fn: TrialFn | None) -> None
     stage = study.stages[index]
     if stage.pruner.name != "pbt":
         return
-    field = f"stages.{index}.pruner"
+    field = f"stages.{stage.name}.pruner"
     steps, first_eval = _stage_steps(study, stage)
     if trial_fn is not None:
         raise StudyError(

@@ -97,11 +97,11 @@ def test_pbt_on_the_optuna_backend_is_one_line_and_exit_2(
     err = capsys.readouterr().err
     assert code == 2 and "Traceback" not in err
     assert err.strip() == (
-        "scaleplan sweep: error: stages.0.pruner.name: pbt needs backend: ray (backend is "
+        "scaleplan sweep: error: stages.coarse.pruner.name: pbt needs backend: ray (backend is "
         "optuna); with optuna use asha, hyperband, median or none"
     )
     assert main(["sweep", str(path), "--set", "stages.coarse.pruner=annealing"]) == 2
-    assert "stages.0.pruner.name: 'annealing' is not one of" in capsys.readouterr().err
+    assert "stages.coarse.pruner.name: 'annealing' is not one of" in capsys.readouterr().err
 
 
 def test_an_unfinished_ray_stage_is_shown_as_such(

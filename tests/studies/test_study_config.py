@@ -222,26 +222,26 @@ BAD_SETS = [
     (["space.optimizer.lr.low=-1e-3"], "space.optimizer.lr.low: -0.001 with log: true"),
     (
         ["stages.coarse.sampler=sobl"],
-        "stages.0.sampler: 'sobl' is not one of: sobol, random, tpe, gp, cmaes",
+        "stages.coarse.sampler: 'sobl' is not one of: sobol, random, tpe, gp, cmaes",
     ),
     (
         ["stages.fine.pruner=asha2"],
-        "stages.1.pruner.name: 'asha2' is not one of: asha, hyperband, median, pbt, none",
+        "stages.fine.pruner.name: 'asha2' is not one of: asha, hyperband, median, pbt, none",
     ),
-    (["stages.0.trials=0"], "stages.0.trials: input should be greater than or equal to 1"),
+    (["stages.0.trials=0"], "stages.coarse.trials: input should be greater than or equal to 1"),
     (
         ["stages.fine.budget={tokens: 10}"],
-        "stages.1.budget.tokens: 10 is less than one step (2048 tokens per step)",
+        "stages.fine.budget.tokens: 10 is less than one step (2048 tokens per step)",
     ),
     (
         ["stages.fine.budget={steps: 10, tokens: 10000}"],
-        "stages.1.budget.steps: set exactly one of steps and tokens",
+        "stages.fine.budget.steps: set exactly one of steps and tokens",
     ),
-    (["stages.0.narrow={top_k: 3}"], "stages.0.narrow: stage 'coarse' is the first"),
+    (["stages.0.narrow={top_k: 3}"], "stages.coarse.narrow: stage 'coarse' is the first"),
     (["stages.1.name=coarse"], "stages.1.name: 'coarse' is used twice"),
     (
         ["stages.fine.narrow.quantiles=[0.5, 0.2]"],
-        "stages.1.narrow.quantiles: [0.5, 0.2]; expected 0 <= low < high <= 1",
+        "stages.fine.narrow.quantiles: [0.5, 0.2]; expected 0 <= low < high <= 1",
     ),
     (
         ["space.optimizer.betas.1.high=1.0"],
@@ -279,6 +279,11 @@ BAD_SETS = [
     (["space.x.low=3"], "--set space.x.low: no parameter 'x' in space"),
     (["space.optimizer.lr.hgh=3"], "--set space.optimizer.lr.hgh: 'hgh' is not a parameter field"),
     (["space.optimizer.lr.log=maybe"], "space.optimizer.lr.log: input should be a valid boolean"),
+    (
+        ["stages.fine.narrow.bracket=maybe"],
+        "stages.fine.narrow.bracket: input should be a valid boolean",
+    ),
+    (["stages.coarse.trials=0"], "stages.coarse.trials: input should be greater than or equal"),
     (["workers=0"], "workers: input should be greater than or equal to 1"),
     (["name=my study"], "name: string should match pattern"),
     (["space={}"], "space: dictionary should have at least 1 item"),

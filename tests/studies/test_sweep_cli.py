@@ -207,7 +207,10 @@ def test_study_command_on_a_missing_study(
     ("options", "expected"),
     [
         (["--set", "space.optimizer.lr.low=0.1"], "space.optimizer.lr"),
-        (["--set", "stages.coarse.sampler=annealing"], "stages.0.sampler: 'annealing' is not one"),
+        (
+            ["--set", "stages.coarse.sampler=annealing"],
+            "stages.coarse.sampler: 'annealing' is not one",
+        ),
         (["--workers", "0"], "workers: "),
         (
             ["--storage", "postgresql://u:p@127.0.0.1:1/db"],
