@@ -36,6 +36,12 @@ goal: at most half of that baseline's budget.
     python benchmarks/search_efficiency.py --seeds 0 --methods random --budget 600 --out /tmp/e
     python benchmarks/search_efficiency.py --out /tmp/eff --report   # the tables again
     python benchmarks/search_efficiency.py --out /tmp/eff --rank-agreement 2.35
+    python benchmarks/search_efficiency.py --out /tmp/eff --seed-noise
+
+``--seed-noise`` retrains the configuration each finished run of ``--methods`` ended with under
+every trainer seed of ``--seeds``: how far the seed alone moves one configuration's final val
+loss, and what each method's configurations are worth on average (a run's own seed reproduces
+its ledger's value: the trainer is deterministic on CPU).
 
 Each (method, seed) runs in its own process (``--jobs`` at once, the cores split between
 them) and leaves ``<out>/<method>-s<seed>.json``; a finished one is not run again.
@@ -45,16 +51,18 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import hashlib
 import json
 import math
+import multiprocessing
 import os
 import platform
 import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Iterator, Sequence
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -279,7 +287,7 @@ def report(results: Sequence[dict[str, Any]]) -> str:
                 if all(math.isfinite(v) for v in values)
                 else f"{_median(values):.4f} (some none)"
             )
-        finals[method] = _median([best_at(r["curve"], budget) for r in runs])
+        finals[method] = _final(runs)
         counted = [sum(1 for _ in _within(r["trials"], budget)) for r in runs]
         minutes = _median([r["seconds"] / 60 for r in runs])
         lines.append(
@@ -289,8 +297,7 @@ def report(results: Sequence[dict[str, Any]]) -> str:
         )
     baselines = {m: v for m, v in finals.items() if m not in COARSE_TO_FINE}
     if baselines:
-        best_baseline = min(baselines, key=lambda m: baselines[m])
-        target = baselines[best_baseline]
+        best_baseline, target = _best_baseline(results)
         lines.append(f"best baseline: {best_baseline}, median final {target:.4f}")
     for method in COARSE_TO_FINE:
         if method not in by_method or not baselines:
@@ -312,6 +319,23 @@ def report(results: Sequence[dict[str, Any]]) -> str:
             f"{verdict}); per seed: {', '.join(f'{n:g}' for n in needed)}"
         )
     return "\n".join(lines)
+
+
+def _final(runs: Sequence[dict[str, Any]]) -> float:
+    """The median over `runs` (one method's seeds) of the best value within the budget."""
+    return _median([best_at(r["curve"], int(r["budget"])) for r in runs])
+
+
+def _best_baseline(results: Sequence[dict[str, Any]]) -> tuple[str, float]:
+    """The baseline with the lowest median final value among `results`, and that value."""
+    finals = {
+        method: _final([r for r in results if r["method"] == method])
+        for method in {r["method"] for r in results} - set(COARSE_TO_FINE)
+    }
+    if not finals:
+        return "none", math.nan
+    method = min(finals, key=lambda m: finals[m])
+    return method, finals[method]
 
 
 def _within(entries: Sequence[dict[str, Any]], budget: int) -> list[dict[str, Any]]:
@@ -392,6 +416,125 @@ def rank_agreement(out: Path, methods: Sequence[str], below: float) -> str:
     return "\n".join(lines)
 
 
+def seed_noise(out: Path, methods: Sequence[str], seeds: Sequence[int], jobs: int) -> str:
+    """Retrain the configuration each run of `methods` in `out` ended with (its best complete
+    full-length trial within the budget) under every trainer seed in `seeds`. A run's score is
+    one draw of a noisy function; the median over the seeds is what a user retraining that
+    configuration can expect, the range how much the seed alone moves it. Results are kept in
+    `out/seed-noise.jsonl` (a configuration and a seed a line): a second call only reports."""
+    results = [json.loads(p.read_text()) for p in sorted(out.glob("*-s*.json"))]
+    found: dict[tuple[str, int], dict[str, Any]] = {}  # (method, seed) -> the run's best trial
+    for result in results:
+        full = [
+            entry
+            for entry in _within(result["trials"], int(result["budget"]))
+            if entry["state"] == "complete" and entry["steps"] == TRIAL_STEPS
+        ]
+        if result["method"] in methods and full:
+            found[result["method"], result["seed"]] = min(full, key=lambda e: e["value"])
+    cache = out / "seed-noise.jsonl"
+    done = {(_key(r["params"]), r["seed"]): r["value"] for r in _read_ledger(cache)}
+    todo = {(_key(e["params"]), s): e["params"] for e in found.values() for s in seeds}
+    todo = {key: params for key, params in todo.items() if key not in done}
+    for (key, seed), value in _retrain_all(todo, jobs, out / "seed-noise"):
+        done[key, seed] = value
+        with cache.open("a") as stream:
+            record = {"params": todo[key, seed], "seed": seed, "value": value}
+            stream.write(json.dumps(record) + "\n")
+
+    def draws(entry: dict[str, Any]) -> list[float]:
+        values = [done[_key(entry["params"]), s] for s in seeds]
+        return [math.inf if v is None else v for v in values]  # a failed run: no model
+
+    lines = [
+        f"the configuration each run ended with, retrained with trainer seeds "
+        f"{', '.join(map(str, seeds))}: median over the runs of the value found (the score "
+        "above), of the configuration's median over the seeds, and of its range over them",
+        f"{'method':16} {'runs':>4} {'found':>7} {'retrained':>20} {'range':>6}",
+    ]
+    for method in methods:
+        runs = [entry for (m, _), entry in sorted(found.items()) if m == method]
+        if not runs:
+            continue
+        medians = [_median(draws(entry)) for entry in runs]
+        ranges = [max(draws(entry)) - min(draws(entry)) for entry in runs]
+        lines.append(
+            f"{method:16} {len(runs):>4} {_median([e['value'] for e in runs]):>7.4f} "
+            f"{_median(medians):>7.4f} ({min(medians):.3f}-{max(medians):.3f}) "
+            f"{_median(ranges):>6.3f}"
+        )
+    header = " ".join(f"{f'seed {s}':>8}" for s in seeds)
+    lines += [
+        "each seed's best configuration over these methods, retrained with each trainer seed",
+        f"{'found with':12} {'by':16} {'found':>7} {header} {'median':>7}",
+    ]
+    pooled: list[float] = []
+    for seed in sorted({s for _, s in found}):
+        method, entry = min(
+            ((m, e) for (m, s), e in found.items() if s == seed), key=lambda me: me[1]["value"]
+        )
+        values = draws(entry)
+        pooled += values
+        cells = " ".join(f"{v:>8.4f}" for v in values)
+        lines.append(
+            f"seed {seed:<7} {method:16} {entry['value']:>7.4f} {cells} {_median(values):>7.4f}"
+        )
+    name, target = _best_baseline([r for r in results if r["method"] in METHODS])
+    if pooled and math.isfinite(target):
+        share = sum(1 for v in pooled if v <= target) / len(pooled)
+        lines.append(
+            f"{share:.0%} of these {len(pooled)} runs end at or below {name}'s median final "
+            f"{target:.4f}"
+        )
+    return "\n".join(lines)
+
+
+def _retrain_all(
+    todo: dict[tuple[str, int], dict[str, Any]], jobs: int, runs_dir: Path
+) -> Iterator[tuple[tuple[str, int], float | None]]:
+    """(key, final value) for each (configuration key, seed) -> params in `todo`, `jobs` at
+    once in their own processes (one: in this one), the cores split between them."""
+    threads = max(1, (os.cpu_count() or 1) // max(1, jobs))
+    if jobs <= 1:
+        for key, params in todo.items():
+            yield key, _retrain(params, key[1], threads, runs_dir)
+        return
+    spawn = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(max_workers=jobs, mp_context=spawn) as pool:
+        futures = {
+            key: pool.submit(_retrain, params, key[1], threads, runs_dir)
+            for key, params in todo.items()
+        }
+        for key, future in futures.items():
+            yield key, future.result()
+
+
+def _key(params: dict[str, Any]) -> str:
+    return json.dumps(params, sort_keys=True)
+
+
+def _retrain(params: dict[str, Any], seed: int, threads: int, runs_dir: Path) -> float | None:
+    """Train the quickstart's model with `params` and trainer seed `seed` for the full
+    `TRIAL_STEPS`, unpruned, MLflow off; the final val loss (None: the trial failed)."""
+    import torch
+
+    torch.set_num_threads(threads)
+    stage = {"name": "retrain", "sampler": "random", "trials": 1,
+             "budget": {"steps": TRIAL_STEPS}, "pruner": {"name": "none"}}  # fmt: skip
+    study = load_study(
+        QUICKSTART,
+        [
+            "name=seed-noise",
+            f"overrides.seed={seed}",
+            "overrides.tracking.enabled=false",
+            f"stages={json.dumps([stage])}",
+        ],
+    )
+    trial_id = f"{hashlib.sha1(_key(params).encode()).hexdigest()[:10]}-seed{seed}"
+    outcome = run_trial(study, study.stages[0], params, trial_id=trial_id, runs_dir=runs_dir)
+    return outcome.value if outcome.state == "complete" else None
+
+
 def _spearman(pairs: Sequence[tuple[float, float]]) -> float:
     if len(pairs) < 3:
         return math.nan
@@ -424,6 +567,12 @@ def main(argv: list[str] | None = None) -> int:
         help="only report how well early val loss ranks the final one, over the trials of the "
         "finished runs, and among those that end below BELOW",
     )
+    parser.add_argument(
+        "--seed-noise",
+        action="store_true",
+        help="only retrain the best configuration of each finished run of --methods under "
+        "every seed of --seeds, and report what the seed alone changes",
+    )
     args = parser.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
 
@@ -444,6 +593,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     if args.rank_agreement is not None:
         print(rank_agreement(args.out, args.methods, args.rank_agreement))
+        return 0
+    if args.seed_noise:
+        print(seed_noise(args.out, args.methods, args.seeds, args.jobs))
         return 0
     if not args.report:
         threads = max(1, (os.cpu_count() or 1) // max(1, args.jobs))
