@@ -50,6 +50,8 @@ config. Only hyperparameters are perturbed (`trainer.checkpoint.is_hyperparamete
 schedule, clip, ...): a searched model or data key stays the donor's, as its weights require.
 Numbers are multiplied by 0.8 or 1.2 and kept inside their range, choices move to a
 neighbour, and with ``resample_probability`` a value is drawn afresh from the stage's space.
+Those choices (and which top trial is the donor) follow the study's seed plus the stage's
+index, as the samplers do.
 ``synchronous`` (the default) decides for the whole population at once, when every trial has
 reached the step: losses fall with steps, so trials are compared at equal steps (Ray's
 asynchronous mode compares each trial with the others' latest results, and a time-shared
@@ -85,6 +87,7 @@ import json
 import logging
 import math
 import os
+import random
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -171,6 +174,7 @@ def make_scheduler(
     max_steps: int,
     first_eval_step: int,
     space: Mapping[str, ParamSpec] | None = None,
+    seed: int = 0,
 ) -> Any:
     """The Tune scheduler for a stage's pruner; time is the trainer step (``step``).
 
@@ -181,13 +185,14 @@ def make_scheduler(
     the end of its budget, and none pauses one. pbt: `PopulationBasedTraining` over the
     hyperparameters of `space` (`pbt_mutations`), deciding every ``interval`` steps (None:
     every evaluation) after ``min_resource`` steps; it pauses trials, which resume from
-    their checkpoints.
+    their checkpoints; its random choices (donors, perturbations, resampling) follow `seed`.
     """
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
     if pruner.name == "pbt":
         return _tune_classes().NumberedPBT(
             space=dict(space or {}),
+            seed=seed,
             time_attr="step",
             perturbation_interval=pruner.interval or first_eval_step,
             burn_in_period=pruner.min_resource or 0,
@@ -244,6 +249,7 @@ def pbt_mutations(space: Mapping[str, ParamSpec]) -> dict[str, Any]:
 @functools.cache
 def _tune_classes() -> SimpleNamespace:
     """Ray subclasses, defined on first use so that importing this module skips Ray."""
+    import numpy as np
     from ray.tune import Callback
     from ray.tune.schedulers import (
         MedianStoppingRule,
@@ -300,12 +306,31 @@ def _tune_classes() -> SimpleNamespace:
 
     class NumberedPBT(PopulationBasedTraining):
         """PopulationBasedTraining whose exploiting trial keeps its own number (so its
-        folder, MLflow tags and record), and whose perturbed numbers stay inside the space
-        (Tune multiplies them by 0.8 or 1.2, past the bounds if it must)."""
+        folder, MLflow tags and record), whose perturbed numbers stay inside the space
+        (Tune multiplies them by 0.8 or 1.2, past the bounds if it must), and whose random
+        choices follow `seed`: Tune draws donors and perturbations from the `random` module
+        and resamples from NumPy's global generator, so those are swapped for this
+        scheduler's own state while it decides. With ``synch`` (trials decided in score
+        order) a seeded study's PBT then repeats, as the trainer is deterministic."""
 
-        def __init__(self, *, space: dict[str, ParamSpec], **kwargs: Any) -> None:
+        def __init__(self, *, space: dict[str, ParamSpec], seed: int, **kwargs: Any) -> None:
             super().__init__(**kwargs)
             self._scaleplan_space = space
+            self._scaleplan_random = (
+                random.Random(seed).getstate(),
+                np.random.RandomState(seed).get_state(),
+            )
+
+        def _checkpoint_or_exploit(self, *args: Any, **kwargs: Any) -> Any:
+            outer = random.getstate(), np.random.get_state()
+            random.setstate(self._scaleplan_random[0])
+            np.random.set_state(self._scaleplan_random[1])
+            try:
+                return super()._checkpoint_or_exploit(*args, **kwargs)
+            finally:
+                self._scaleplan_random = random.getstate(), np.random.get_state()
+                random.setstate(outer[0])
+                np.random.set_state(outer[1])
 
         def _get_new_config(self, trial: Any, trial_to_clone: Any) -> tuple[dict, dict]:
             config, operations = super()._get_new_config(trial, trial_to_clone)
@@ -888,7 +913,7 @@ def _new_tuner(
         param_space=param_space,
         tune_config=tune.TuneConfig(
             search_alg=search_alg,
-            scheduler=make_scheduler(stage.pruner, steps, first_eval, space),
+            scheduler=make_scheduler(stage.pruner, steps, first_eval, space, study.seed + index),
             metric="objective",
             mode=mode,
             num_samples=stage.trials,

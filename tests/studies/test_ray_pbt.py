@@ -10,11 +10,13 @@ The slow test runs one real PBT stage (4 trials of a tiny GPT, 20 steps, one dec
 from __future__ import annotations
 
 import json
+import random
 import re
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 import yaml
@@ -87,6 +89,33 @@ def test_pbt_perturbs_only_hyperparameters_inside_the_space() -> None:
         assert 1e-4 <= config["optimizer.lr"] <= 1e-2
         assert config["schedule.warmup_steps"] in range(0, 11)
         assert (config["optimizer.name"], config["model.d_model"]) == ("lion", 32)
+
+
+def test_pbt_decides_with_its_own_seeded_generators(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Tune's PBT draws donors and perturbations from `random` and resamples from NumPy's
+    global generator: the scheduler swaps in its own state, seeded by the study, for each
+    decision, so the same seed repeats the same choices and the caller's generators are
+    left as they were."""
+    from ray.tune.schedulers import PopulationBasedTraining
+
+    def decide(self: Any, trial: str) -> tuple[float, float]:  # stands in for Tune's decision
+        return random.random(), float(np.random.random_sample())
+
+    monkeypatch.setattr(PopulationBasedTraining, "_checkpoint_or_exploit", decide)
+    space = {"optimizer.lr": ParamSpec(low=1e-4, high=1e-2, log=True)}
+
+    def decisions(seed: int) -> list[tuple[float, float]]:
+        scheduler = make_scheduler(PrunerSpec(name="pbt"), 20, 5, space=space, seed=seed)
+        return [scheduler._checkpoint_or_exploit(f"trial {n}") for n in range(3)]
+
+    random.seed(123)
+    np.random.seed(123)
+    outer = random.getstate(), np.random.get_state()
+    first = decisions(seed=7)
+    assert len(set(first)) == 3  # the state carries over from one decision to the next
+    assert decisions(seed=7) == first and decisions(seed=8) != first
+    assert random.getstate() == outer[0]
+    assert np.array_equal(np.random.get_state()[1], outer[1][1])
 
 
 def test_pbt_on_the_optuna_backend_is_one_line_and_exit_2(
