@@ -346,8 +346,8 @@ class NarrowSpec(BaseModel):
     bracket: bool = Field(
         default=False,
         description="Extend each end of a numeric range to the nearest value a trial outside "
-        "the top-k (finished, pruned or failed) tried there, so an optimum between the top-k "
-        "and its worse neighbours stays inside.",
+        "the top-k (finished, pruned or failed) tried there, or to the old bound if none was "
+        "tried past it, so an optimum between the top-k and its worse neighbours stays inside.",
     )
 
     @model_validator(mode="after")

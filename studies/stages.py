@@ -165,11 +165,12 @@ def _narrow_numeric(
         low, high = centre - half, centre + half
         shift = max(old_low - low, 0.0) - max(high - old_high, 0.0)
         low, high = low + shift, high + shift
-    # 2b. bracketing: out to the nearest values worse trials tried beyond the range
+    # 2b. bracketing: out to the nearest values worse trials tried beyond the range; with
+    # none tried beyond an end, nothing says the optimum is not there: the old bound
     if spec.bracket:
         others = [forward(value) for value in tried]
-        low = max((p for p in others if p < low), default=low)
-        high = min((p for p in others if p > high), default=high)
+        low = max((p for p in others if p < low), default=min(low, old_low))
+        high = min((p for p in others if p > high), default=max(high, old_high))
     # 3. the best at an edge: the optimum may lie past it
     edge = None
     if best is not None and spec.widen > 1.0:

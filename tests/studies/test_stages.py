@@ -88,6 +88,20 @@ def test_bracket_counts_pruned_and_failed_trials_as_tried() -> None:
     assert warm == [{"optimizer.lr": 2e-3}, {"optimizer.lr": 1e-3}]  # finished ones only
 
 
+def test_bracket_keeps_the_old_bound_where_nothing_was_tried_past_the_top_k() -> None:
+    # the highest value tried is in the top 2 (but not the best, so no edge widening): no
+    # trial says the range above it is worse, so the new range keeps the old upper bound
+    lrs = [1e-4, 1e-3, 2e-3, 7e-3]
+    values = [3.0, 2.6, 2.4, 2.5]
+    trials = [({"optimizer.lr": lr}, v) for lr, v in zip(lrs, values, strict=True)]
+    spec = NarrowSpec(top_k=2, widen=2.0, bracket=True)
+    new, _, notes = narrow_space({"optimizer.lr": LR}, trials, spec, "minimize")
+    assert new["optimizer.lr"].bounds == (1e-3, LR.bounds[1])
+    assert notes == ["optimizer.lr: [1e-05, 0.1] log -> [0.001, 0.1] log"]
+    plain, _, _ = narrow_space({"optimizer.lr": LR}, trials, NarrowSpec(top_k=2), "minimize")
+    assert plain["optimizer.lr"].bounds[1] < 0.02  # without bracketing: the top-2 span
+
+
 def test_best_at_the_upper_edge_widens_past_it() -> None:
     space = {"optimizer.lr": LR}
     trials = lr_trials(optimum=1.0)  # the further up the better: the best sits at the old high
