@@ -11,7 +11,7 @@ Narrowing one numeric parameter (in log space for log parameters):
 1. The new range spans the `quantiles` of the top-k trials' values, and always the best value.
 2. Too narrow (the top-k agree)? Widen it to `min_width` of the old width, around its centre.
    With ``bracket``, extend each end to the nearest value a worse trial (finished, pruned or
-   failed) tried beyond it.
+   failed) tried beyond it, or to the old bound if none was.
 3. The best within `edge_margin` of an old bound? The optimum may lie past it: the range grows
    `widen` times, the extra past that bound.
 4. Clip to the trainer field's hard limits (`studies.config.space_limits`), never invert.
