@@ -423,6 +423,7 @@ def seed_noise(out: Path, methods: Sequence[str], seeds: Sequence[int], jobs: in
     configuration can expect, the range how much the seed alone moves it. Results are kept in
     `out/seed-noise.jsonl` (a configuration and a seed a line): a second call only reports."""
     results = [json.loads(p.read_text()) for p in sorted(out.glob("*-s*.json"))]
+    results = [result for result in results if result["method"] in methods]
     found: dict[tuple[str, int], dict[str, Any]] = {}  # (method, seed) -> the run's best trial
     for result in results:
         full = [
@@ -430,7 +431,7 @@ def seed_noise(out: Path, methods: Sequence[str], seeds: Sequence[int], jobs: in
             for entry in _within(result["trials"], int(result["budget"]))
             if entry["state"] == "complete" and entry["steps"] == TRIAL_STEPS
         ]
-        if result["method"] in methods and full:
+        if full:
             found[result["method"], result["seed"]] = min(full, key=lambda e: e["value"])
     cache = out / "seed-noise.jsonl"
     done = {(_key(r["params"]), r["seed"]): r["value"] for r in _read_ledger(cache)}
@@ -479,7 +480,7 @@ def seed_noise(out: Path, methods: Sequence[str], seeds: Sequence[int], jobs: in
         lines.append(
             f"seed {seed:<7} {method:16} {entry['value']:>7.4f} {cells} {_median(values):>7.4f}"
         )
-    name, target = _best_baseline([r for r in results if r["method"] in METHODS])
+    name, target = _best_baseline(results)  # as the report has it for these methods
     if pooled and math.isfinite(target):
         share = sum(1 for v in pooled if v <= target) / len(pooled)
         lines.append(
