@@ -416,14 +416,21 @@ def rank_agreement(out: Path, methods: Sequence[str], below: float) -> str:
     return "\n".join(lines)
 
 
-def seed_noise(out: Path, methods: Sequence[str], seeds: Sequence[int], jobs: int) -> str:
-    """Retrain the configuration each run of `methods` in `out` ended with (its best complete
+def finished(out: Path, methods: Sequence[str], seeds: Sequence[int]) -> list[dict[str, Any]]:
+    """The finished runs in `out` of `methods` with `seeds` (`run_one`'s summaries)."""
+    results = [json.loads(p.read_text()) for p in sorted(out.glob("*-s*.json"))]
+    return [r for r in results if r["method"] in methods and r["seed"] in seeds]
+
+
+def seed_noise(
+    results: Sequence[dict[str, Any]], out: Path, seeds: Sequence[int], jobs: int
+) -> str:
+    """Retrain the configuration each run in `results` ended with (its best complete
     full-length trial within the budget) under every trainer seed in `seeds`. A run's score is
     one draw of a noisy function; the median over the seeds is what a user retraining that
     configuration can expect, the range how much the seed alone moves it. Results are kept in
     `out/seed-noise.jsonl` (a configuration and a seed a line): a second call only reports."""
-    results = [json.loads(p.read_text()) for p in sorted(out.glob("*-s*.json"))]
-    results = [result for result in results if result["method"] in methods]
+    methods = list(dict.fromkeys(result["method"] for result in results))
     found: dict[tuple[str, int], dict[str, Any]] = {}  # (method, seed) -> the run's best trial
     for result in results:
         full = [
@@ -596,8 +603,11 @@ def main(argv: list[str] | None = None) -> int:
         print(rank_agreement(args.out, args.methods, args.rank_agreement))
         return 0
     if args.seed_noise:
-        print(seed_noise(args.out, args.methods, args.seeds, args.jobs))
-        return 0
+        results = finished(args.out, args.methods, args.seeds)
+        print(
+            seed_noise(results, args.out, args.seeds, args.jobs) if results else "no finished runs"
+        )
+        return 0 if results else 1
     if not args.report:
         threads = max(1, (os.cpu_count() or 1) // max(1, args.jobs))
         jobs = [(m, s) for s in args.seeds for m in args.methods]
@@ -607,8 +617,7 @@ def main(argv: list[str] | None = None) -> int:
             ]
             for future in futures:
                 future.result()
-    results = [json.loads(p.read_text()) for p in sorted(args.out.glob("*-s*.json"))]
-    results = [r for r in results if r["method"] in args.methods and r["seed"] in args.seeds]
+    results = finished(args.out, args.methods, args.seeds)
     if not results:
         print("no finished runs")
         return 1

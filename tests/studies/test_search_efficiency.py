@@ -15,6 +15,7 @@ import search_efficiency  # noqa: E402
 from search_efficiency import (  # noqa: E402
     best_at,
     curve,
+    finished,
     method_study,
     rank_agreement,
     seed_noise,
@@ -105,7 +106,8 @@ def test_seed_noise_retrains_each_runs_best_configuration_under_every_seed(
         return 2.0 + params["optimizer.lr"] + seed / 10
 
     monkeypatch.setattr(search_efficiency, "_retrain", fake_retrain)
-    text = seed_noise(tmp_path, ["coarse-to-fine", "tpe-median"], [0, 1], jobs=1)
+    results = finished(tmp_path, ["coarse-to-fine", "tpe-median"], [0, 1])
+    text = seed_noise(results, tmp_path, [0, 1], jobs=1)
     # lr 0.3 is the best of two tpe-median runs, retrained once per seed
     assert sorted(calls) == [(0.2, 0), (0.2, 1), (0.3, 0), (0.3, 1)]
     lines = text.splitlines()
@@ -118,5 +120,5 @@ def test_seed_noise_retrains_each_runs_best_configuration_under_every_seed(
     # the best baseline (tpe-median) has a median final of 2.425: 3 of the 4 draws are below
     assert lines[8].startswith("75% of these 4 runs end at or below tpe-median's median final")
     calls.clear()
-    assert seed_noise(tmp_path, ["coarse-to-fine", "tpe-median"], [0, 1], jobs=1) == text
+    assert seed_noise(results, tmp_path, [0, 1], jobs=1) == text
     assert calls == []  # kept in seed-noise.jsonl: nothing retrained twice
