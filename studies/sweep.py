@@ -260,8 +260,12 @@ def _ray_backend() -> Any:
     try:
         return importlib.import_module("studies.ray_backend")
     except ImportError as error:  # ModuleNotFoundError, or None in sys.modules
-        if error.name in ("studies.ray_backend", "ray"):
-            raise StudyError("backend ray: not available yet; use backend optuna") from None
+        name = error.name or ""
+        if name in ("studies.ray_backend", "ray") or name.startswith("ray."):
+            raise StudyError(
+                "backend ray: Ray Tune is not installed (pip install 'ray[tune]'); "
+                "use backend optuna"
+            ) from None
         raise
 
 

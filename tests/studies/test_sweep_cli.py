@@ -250,7 +250,8 @@ def test_ray_backend_missing_is_a_clean_error(
     code = main(["sweep", str(write_study(tmp_path)), "--backend", "ray"])
     assert code == 2
     assert capsys.readouterr().err.strip() == (
-        "scaleplan sweep: error: backend ray: not available yet; use backend optuna"
+        "scaleplan sweep: error: backend ray: Ray Tune is not installed (pip install 'ray[tune]'); "
+        "use backend optuna"
     )
 
 
