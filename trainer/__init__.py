@@ -7,10 +7,10 @@
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from trainer.errors import ConfigError
+from trainer.exports import lazy_getattr
 
 if TYPE_CHECKING:
     from trainer.config import TrainConfig, load_config
@@ -37,8 +37,4 @@ __all__ = [
     "train",
 ]
 
-
-def __getattr__(name: str) -> Any:
-    if name in _EXPORTS:
-        return getattr(importlib.import_module(_EXPORTS[name]), name)
-    raise AttributeError(f"module 'trainer' has no attribute {name!r}")
+__getattr__ = lazy_getattr("trainer", _EXPORTS)

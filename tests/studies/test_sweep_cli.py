@@ -94,6 +94,23 @@ def test_json_summary_has_the_documented_fields(swept: tuple[Path, dict[str, Any
     assert Path(summary["best_config"]).exists()
 
 
+def test_from_python_the_same_sweep_as_the_cli(
+    tmp_path: Path, swept: tuple[Path, dict[str, Any]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from studies import StudyError, prepare_study, run_sweep
+
+    _, cli_summary = swept
+    monkeypatch.chdir(tmp_path)
+    torch.set_num_threads(1)
+    study = prepare_study(write_study(tmp_path), ["stages.fine.trials=2"], tracking_uri="none")
+    summary = run_sweep(study, runs_dir=tmp_path / "runs")
+    assert summary["n_trials"] == 6 and summary["stages"][1]["requested"] == 2
+    # the coarse stage is the CLI's, trial for trial: same file, same seed
+    assert summary["stages"][0]["best_value"] == cli_summary["stages"][0]["best_value"]
+    with pytest.raises(StudyError, match="stages.fine.trials"):
+        prepare_study(write_study(tmp_path), ["stages.fine.trials=0"])
+
+
 def test_live_view_and_final_tables(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     path = write_study(tmp_path, stages=STUDY["stages"][:1])
     code = main(["sweep", str(path), "--runs-dir", str(tmp_path / "runs")])
