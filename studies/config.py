@@ -488,7 +488,12 @@ class StudyConfig(BaseModel):
     workers: int = Field(
         default=1, ge=1, description="Trials run at once (optuna: processes; ray: concurrent)."
     )
-    seed: int = Field(default=0, description="Seeds the samplers (stage i uses seed + i).")
+    seed: int = Field(
+        default=0,
+        ge=0,
+        le=2**31 - 1,  # NumPy's seeds stop at 2**32 - 1; stage i and its workers add to it
+        description="Seeds the samplers (stage i uses seed + i).",
+    )
     ray: RayOptions | None = Field(
         default=None,
         description="backend ray: resources per trial and the local Ray's size; None: "

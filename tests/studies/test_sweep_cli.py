@@ -229,6 +229,7 @@ def test_study_command_on_a_missing_study(
             "stages.coarse.sampler: 'annealing' is not one",
         ),
         (["--workers", "0"], "workers: "),
+        (["--set", "seed=-3"], "seed: input should be greater than or equal to 0 (got -3)"),
         (
             ["--storage", "postgresql://u:p@127.0.0.1:1/db"],
             "storage: postgresql://u:***@127.0.0.1:1/db unreachable (",
@@ -243,6 +244,7 @@ def test_study_command_on_a_missing_study(
         "inverted-range",
         "unknown-sampler",
         "no-workers",
+        "negative-seed",
         "unreachable-postgres",
         "unreachable-tracking",
         "unknown-storage",
