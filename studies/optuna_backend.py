@@ -122,8 +122,9 @@ def open_storage(url: str) -> BaseStorage:
         path = Path(url)
         path.parent.mkdir(parents=True, exist_ok=True)
         return JournalStorage(JournalFileBackend(str(path)))
-    if url.startswith("sqlite:///"):
-        Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+    database = sqlite_file(url)
+    if database is not None:
+        database.parent.mkdir(parents=True, exist_ok=True)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
         return optuna.storages.RDBStorage(
@@ -133,6 +134,14 @@ def open_storage(url: str) -> BaseStorage:
             grace_period=GRACE_PERIOD_S,
             heartbeat_stale_trial_callback=_retry_stale,
         )
+
+
+def sqlite_file(url: str) -> Path | None:
+    """The database file of a ``sqlite:///path`` URL (``sqlite:////abs/path``); None otherwise."""
+    if not url.startswith("sqlite:///"):
+        return None
+    path = url.removeprefix("sqlite:///").partition("?")[0]
+    return Path(path) if path and path != ":memory:" else None
 
 
 def _engine_kwargs(url: str) -> dict[str, Any]:
@@ -869,7 +878,9 @@ def load_stage_reports(name: str, storage_url: str) -> list[StageReport]:
     """The stages of study `name` in a storage, in order, without the study file."""
     import optuna
 
-    if not is_rdb(storage_url) and not Path(storage_url).exists():
+    # reading never creates a storage: a missing journal or SQLite file is the user's mistake
+    path = Path(storage_url) if not is_rdb(storage_url) else sqlite_file(storage_url)
+    if path is not None and not path.exists():
         raise StudyError(f"study: no storage at {storage_url}; run `scaleplan sweep` first")
     storage = open_storage(storage_url)
     found: list[tuple[int, optuna.Study, dict[str, Any]]] = []

@@ -216,6 +216,18 @@ def test_study_command_on_a_missing_study(
     assert err.endswith("studies there: tiny")
 
 
+def test_study_command_never_creates_a_storage(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    for storage in (f"sqlite:///{tmp_path}/nope.db", str(tmp_path / "nope.journal")):
+        assert main(["study", "best", "nope", "--storage", storage]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err == (
+            f"scaleplan study: error: study: no storage at {storage}; run `scaleplan sweep` first"
+        )
+    assert list(tmp_path.iterdir()) == []
+
+
 # ---------------------------------------------------------------------------------------------
 # Bad input: one line naming the field, exit 2, before any trial
 
