@@ -113,6 +113,13 @@ def load_comparison(
     study_path = config.study if config.study.is_absolute() else path.parent / config.study
     if not study_path.is_file():
         raise StudyError(f"study: {config.study} not found (looked for {study_path})")
+    for item in overrides:  # --set reaches each arm's study, not the comparison file
+        key = item.partition("=")[0].strip()
+        if key.split(".")[0] in ("arms", "shared", "study"):
+            raise StudyError(
+                f"--set {key}: --set applies to every arm's study; edit the comparison file "
+                "for its arms, shared settings or study, and pick arms with --arms"
+            )
     chosen = list(arms) if arms else list(config.arms)
     unknown = [arm for arm in chosen if arm not in config.arms]
     if unknown:

@@ -167,6 +167,10 @@ def test_unknown_arm_and_arms_on_a_plain_study(
     assert "--arms: no arm 'adam'; arms: adamw, lion" in capsys.readouterr().err
     assert main(["sweep", str(tmp_path / "lr.yaml"), "--arms", "adamw"]) == 2
     assert "is a study, not a comparison" in capsys.readouterr().err
+    assert main(["sweep", str(path), "--set", "arms.adamw.seed=1"]) == 2
+    assert "error: --set arms.adamw.seed: --set applies to every arm's study; " in (
+        capsys.readouterr().err
+    )
 
 
 @pytest.mark.parametrize("name", ["optimizers", "schedules", "digits-optimizers"])
