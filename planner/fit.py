@@ -522,6 +522,15 @@ def _check_runs(
             f"{lengths[0]} runs cannot determine {n_coefficients} parameters: need at least"
             f" {n_coefficients} runs (and many more for a trustworthy fit)"
         )
+    # both forms have a term in N and one in D: one value of either leaves its term a constant
+    for (name, what), array in zip(
+        (("n_params", "model sizes"), ("n_tokens", "token budgets")), checked[:2], strict=False
+    ):
+        if np.unique(array).size == 1:
+            raise InputError(
+                f"{name}: every run has {array[0]:.6g}; a law in N and D needs runs at 3 or"
+                f" more {what} to determine its exponent"
+            )
     return checked[0], checked[1], checked[2]
 
 

@@ -138,19 +138,23 @@ def _finish(law: Any, summary: dict[str, Any], args: argparse.Namespace) -> None
 
 
 def _parametric(runs: Any, name: str, args: argparse.Namespace) -> int:
+    from planner.errors import InputError
     from planner.fit import fit_law
     from planner.published import Law
 
-    result = fit_law(
-        runs.n_params,
-        runs.n_tokens,
-        runs.loss,
-        form=args.form,
-        delta=args.delta,
-        bootstrap=args.bootstrap,
-        interval_level=args.level,
-        seed=args.seed,
-    )
+    try:
+        result = fit_law(
+            runs.n_params,
+            runs.n_tokens,
+            runs.loss,
+            form=args.form,
+            delta=args.delta,
+            bootstrap=args.bootstrap,
+            interval_level=args.level,
+            seed=args.seed,
+        )
+    except InputError as error:  # about the runs as a whole: name the table
+        raise InputError(f"{runs.source}: {error}") from None
     fit_info: dict[str, Any] = {
         "approach": "parametric",
         "method": "Huber on log residuals, L-BFGS multi-start (Hoffmann et al. 2022, App. D.2)",

@@ -325,6 +325,8 @@ def test_fewer_runs_than_parameters_is_an_input_error() -> None:
     [
         ({"n_tokens": np.logspace(9, 12, 11)}, "one value per run"),
         ({"loss": np.ones((3, 4))}, "1-D array"),
+        ({"n_params": np.full(12, 1.2e5)}, "n_params: every run has 120000; .* model sizes"),
+        ({"n_tokens": np.full(12, 2e9)}, "n_tokens: every run has 2e.09; .* token budgets"),
         ({"form": "gpt"}, "form: 'gpt' is not one of"),
         ({"interval_level": 95}, "interval_level=95"),
         ({"bootstrap": -1}, "bootstrap=-1"),

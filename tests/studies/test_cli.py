@@ -135,6 +135,21 @@ def test_fit_with_bad_table_writes_nothing(tmp_path: Path) -> None:
     assert sorted(p.name for p in tmp_path.iterdir()) == ["runs.csv"]
 
 
+def test_fit_on_runs_of_one_model_size_is_refused(tmp_path: Path) -> None:
+    # what `scaleplan study export` writes for a sweep: every trial the same model
+    table = tmp_path / "sweep.csv"
+    pd.DataFrame(
+        {"params": [123200] * 6, "tokens": [2e5, 8e4, 2.4e5, 6e5, 6e5, 3e5], "loss": [2.7] * 6}
+    ).to_csv(table, index=False)
+    result = _scaleplan("fit", str(table), "--out", str(tmp_path / "law.json"))
+    assert result.returncode == 2
+    assert result.stderr.strip() == (
+        f"scaleplan fit: error: {table}: n_params: every run has 123200; a law in N and D needs"
+        " runs at 3 or more model sizes to determine its exponent"
+    )
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["sweep.csv"]
+
+
 def test_isoflop_fit_writes_a_law_that_plan_reads(
     scaling_data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
