@@ -605,9 +605,18 @@ def _check_location(field: str, value: str | None, schemes: tuple[str, ...]) -> 
         return
     if scheme.split("+")[0].lower() not in schemes:
         raise StudyError(
-            f"{field}: '{value}' has scheme '{scheme}', not one of: "
+            f"{field}: '{mask_password(value)}' has scheme '{scheme}', not one of: "
             f"{', '.join(schemes)} (or a local path)"
         )
+
+
+_PASSWORD = re.compile(r"(://[^/:@]*:)[^/]*@")
+
+
+def mask_password(url: str) -> str:
+    """``postgresql://user:secret@host/db`` -> ``postgresql://user:***@host/db``: how a storage
+    or tracking URL is shown anywhere (messages, summaries, MLflow); paths pass unchanged."""
+    return _PASSWORD.sub(r"\1***@", url)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -35,7 +35,6 @@ import contextlib
 import json
 import math
 import os
-import re
 import sys
 import tempfile
 import threading
@@ -44,6 +43,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from studies.config import mask_password
 from studies.errors import StudyError
 from studies.study_plots import atomic_path, param_importances, study_from_trials, study_plots
 from trainer.tracking import (
@@ -105,7 +105,7 @@ def check_tracking_uri(uri: str | None) -> None:
     resolved = resolve_tracking_uri(uri)
     problem = _tracking_problem(resolved)
     if problem is not None:
-        raise StudyError(f"tracking_uri: {_mask_password(resolved)} unreachable ({problem})")
+        raise StudyError(f"tracking_uri: {mask_password(resolved)} unreachable ({problem})")
 
 
 class StudyTracker:
@@ -321,7 +321,7 @@ class StudyTracker:
         study = self.study.model_dump(mode="json")
         for key in ("storage", "tracking_uri"):
             if isinstance(study.get(key), str):
-                study[key] = _mask_password(study[key])
+                study[key] = mask_password(study[key])
         with tempfile.TemporaryDirectory() as folder:
             path = Path(folder) / "study.json"
             path.write_text(json.dumps(study, indent=2) + "\n")
@@ -437,7 +437,7 @@ class StudyTracker:
             return
         self._failed = True
         print(
-            f"tracking: {_mask_password(self.tracking_uri)} unreachable or failing ({reason}); "
+            f"tracking: {mask_password(self.tracking_uri)} unreachable or failing ({reason}); "
             "the study goes on without MLflow",
             file=sys.stderr,
             flush=True,
@@ -530,14 +530,6 @@ def _absolute(uri: str) -> str:
         if not path.is_absolute():
             return "sqlite:///" + str(path.absolute())
     return uri
-
-
-_PASSWORD = re.compile(r"(://[^/:@]*:)[^/]*@")
-
-
-def _mask_password(url: str) -> str:
-    """``postgresql://user:secret@host/db`` -> ``postgresql://user:***@host/db``."""
-    return _PASSWORD.sub(r"\1***@", url)
 
 
 def _finite(value: Any) -> bool:

@@ -62,6 +62,7 @@ from studies.config import (
     StageSpec,
     StudyConfig,
     budget_steps,
+    mask_password,
     trial_config,
 )
 from studies.errors import StudyError
@@ -155,25 +156,13 @@ def _engine_kwargs(url: str) -> dict[str, Any]:
     return {}
 
 
-def redact(url: str) -> str:
-    """A database URL without its password."""
-    if not is_rdb(url):
-        return url
-    try:
-        from sqlalchemy.engine import make_url
-
-        return make_url(url).render_as_string(hide_password=True)
-    except Exception:
-        return url.split("@")[-1] if "@" in url else url
-
-
 def check_storage(url: str) -> None:
     """Open the storage once; StudyError ``storage: URL unreachable (why)`` when it cannot be.
 
     A database server gets `CONNECT_TIMEOUT_S` to answer (in a thread, so a firewall that drops
     packets does not hang the sweep); a journal file's folder must be creatable.
     """
-    shown = redact(url)
+    shown = mask_password(url)
     if not is_rdb(url):
         path = Path(url)
         try:
@@ -470,12 +459,12 @@ def _open_stage(
         if ctx.index == 0 and space != study.space:
             raise StudyError(
                 f"space: differs from the one study '{study.name}' was started with in "
-                f"{redact(ctx.storage_url)}; give the study another name or storage"
+                f"{mask_password(ctx.storage_url)}; give the study another name or storage"
             )
         if meta.get("budget_steps") != steps:
             raise StudyError(
                 f"stages.{stage.name}.budget: {steps} steps, but the stage was started with "
-                f"{meta.get('budget_steps')} in {redact(ctx.storage_url)}; give the study "
+                f"{meta.get('budget_steps')} in {mask_password(ctx.storage_url)}; give the study "
                 "another name or storage"
             )
         return ostudy, space, list(meta.get("notes") or [])
@@ -899,7 +888,7 @@ def load_stage_reports(name: str, storage_url: str) -> list[StageReport]:
             }
         )
         known = f"; studies there: {', '.join(names)}" if names else ""
-        raise StudyError(f"study: no study '{name}' in {redact(storage_url)}{known}")
+        raise StudyError(f"study: no study '{name}' in {mask_password(storage_url)}{known}")
     reports = []
     for index, ostudy, meta in sorted(found, key=lambda item: item[0]):
         stage = str(meta.get("stage"))

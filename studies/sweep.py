@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
-from studies.config import ParamSpec, StageSpec, StudyConfig, load_study
+from studies.config import ParamSpec, StageSpec, StudyConfig, load_study, mask_password
 from studies.errors import StudyError
 
 if TYPE_CHECKING:
@@ -380,8 +380,8 @@ def summarise(
     top = ranked[:TOP_TRIALS]
     out_dir = runs_dir / study.name
     artifacts: dict[str, Any] = {"plots": [], "importances": {}, "best_config": None, "notes": []}
+    source = chosen or (reports[-1] if reports else None)
     if tracker is not None:
-        source = chosen or (reports[-1] if reports else None)
         artifacts = tracker.finish(
             source.source if source is not None else None,
             trials=source.trials if source is not None else [],
@@ -410,11 +410,19 @@ def summarise(
         "mlflow_experiment": tracker.experiment_name if active and tracker else None,
         "mlflow_parent_run_id": tracker.parent_run_id if active and tracker else None,
         "tracking_uri": tracker.tracking_uri if active and tracker else None,
-        "storage": study.resolved_storage(runs_dir) if study.backend == "optuna" else None,
+        "storage": (
+            mask_password(study.resolved_storage(runs_dir)) if study.backend == "optuna" else None
+        ),
         "study_dir": str(out_dir),
         "best_config": _path_or_none(artifacts.get("best_config")),
         "plots": [str(p) for p in artifacts.get("plots") or []],
         "importances": dict(artifacts.get("importances") or {}),
+        # the stage whose complete trials the importances come from, and how many there were
+        "importances_from": (
+            {"stage": source.name, "n_complete": source.counts.complete}
+            if artifacts.get("importances") and source is not None
+            else None
+        ),
         "top": [
             {**(_trial_brief(t) or {}), "value": t["value"], "params": t["params"]} for t in top
         ],

@@ -146,7 +146,8 @@ def _load(name: str, storage: str, backend: str) -> list[StageReport]:
 
 
 def _show(name: str, storage: str, reports: list[StageReport], as_json: bool) -> int:
-    from studies.optuna_backend import redact, stage_direction, stage_metric
+    from studies.config import mask_password
+    from studies.optuna_backend import stage_direction, stage_metric
     from studies.sweep import study_ranking
 
     direction = stage_direction(reports[0])
@@ -159,7 +160,7 @@ def _show(name: str, storage: str, reports: list[StageReport], as_json: bool) ->
             output.json_ready(
                 {
                     "study": name,
-                    "storage": redact(storage),
+                    "storage": mask_password(storage),
                     "metric": metric,
                     "direction": direction,
                     "best_value": best["value"] if best else None,
@@ -172,7 +173,7 @@ def _show(name: str, storage: str, reports: list[StageReport], as_json: bool) ->
         )
         return 0
     output.print_table(
-        f"Study {name} ({metric}, {direction}) in {redact(storage)}",
+        f"Study {name} ({metric}, {direction}) in {mask_password(storage)}",
         ["stage", "sampler", "pruner", "steps", "trials", "complete", "pruned", "failed"]
         + ["interrupted", "best"],
         [

@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import sys
 from collections import Counter
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from studies.commands import output
@@ -31,6 +32,9 @@ if TYPE_CHECKING:
     from studies.sweep import StageCounts, StageReport
 
 EXIT_NO_RESULT = 1
+# complete trials per searched parameter below which the importances are only a hint (a forest
+# on fewer moves with its own seed: notebooks/04_sweep_analysis.ipynb, section 3)
+TRIALS_PER_IMPORTANCE = 5
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -325,7 +329,7 @@ def print_summary(summary: dict[str, Any]) -> None:
                 for rank, (t, label) in enumerate(zip(top, labels, strict=True), 1)
             ],
         )
-    importances = summary["importances"]
+    importances, origin = summary["importances"], summary.get("importances_from")
     if importances:
         output.print_table(
             "Parameter importances (fANOVA)",
@@ -333,6 +337,12 @@ def print_summary(summary: dict[str, Any]) -> None:
             [[name, f"{value:.3f}"] for name, value in importances.items()],
         )
     lines = []
+    if importances and origin:
+        few = origin["n_complete"] < TRIALS_PER_IMPORTANCE * len(importances)
+        lines.append(
+            f"importances: from the {origin['n_complete']} complete trials of stage "
+            f"{origin['stage']}" + (" (too few to act on: a hint, not a finding)" if few else "")
+        )
     if summary["best_value"] is not None:
         lines.append(f"best {metric}: {output.metric(summary['best_value'])}")
     failures = failure_line(summary)
@@ -354,8 +364,18 @@ def print_summary(summary: dict[str, Any]) -> None:
     else:
         lines.append("MLflow: off")
     if summary.get("storage"):
-        lines.append(f"storage: {summary['storage']}")
+        lines.append(f"storage: {_relative(summary['storage'])}")
     print("\n".join(lines))
+
+
+def _relative(storage: str) -> str:
+    """A journal file under the working folder as the best config is shown: relative."""
+    if "://" in storage:
+        return storage
+    try:
+        return str(Path(storage).relative_to(Path.cwd()))
+    except ValueError:
+        return storage
 
 
 def failure_line(summary: dict[str, Any]) -> str:

@@ -23,7 +23,7 @@ from optuna.trial import TrialState
 from tiny_study import TINY_BASE
 
 from studies import optuna_backend
-from studies.config import StudyConfig, load_study
+from studies.config import StudyConfig, load_study, mask_password
 from studies.errors import StudyError
 from studies.objective import TrialOutcome, run_trial
 from studies.optuna_backend import (
@@ -374,6 +374,7 @@ def test_a_sweep_on_postgresql(tmp_path: Path) -> None:
     try:
         summary = run_sweep(study, runs_dir=tmp_path / "runs")
         assert summary["n_trials"] == 3 and summary["best_value"] is not None
+        assert summary["storage"] == mask_password(str(POSTGRES_URL)) != POSTGRES_URL
         assert [r.counts.finished for r in load_stage_reports(name, str(POSTGRES_URL))] == [3]
     finally:
         optuna.delete_study(study_name=f"{name}-coarse", storage=str(POSTGRES_URL))

@@ -18,6 +18,7 @@ from studies.config import (
     ParamSpec,
     StudyConfig,
     load_study,
+    mask_password,
     space_limits,
     trainer_keys,
     trial_config,
@@ -100,6 +101,23 @@ def test_tracking_uri_goes_to_the_trial(tmp_path: Path) -> None:
     config = trial_config(study, {}, study.stages[0].budget)
     assert config.tracking.tracking_uri == "http://mlflow.example:5000"
     assert config.tracking.experiment == "scaleplan-quickstart"
+
+
+@pytest.mark.parametrize(
+    ("url", "shown"),
+    [
+        (
+            "postgresql+psycopg://u:s3cr%40t@db:5432/optuna",
+            "postgresql+psycopg://u:***@db:5432/optuna",
+        ),
+        ("http://alice:pw@mlflow:5000", "http://alice:***@mlflow:5000"),
+        ("postgresql://user@db/optuna", "postgresql://user@db/optuna"),
+        ("sqlite:///runs/optuna.db", "sqlite:///runs/optuna.db"),
+        ("runs/quickstart/optuna.journal", "runs/quickstart/optuna.journal"),
+    ],
+)
+def test_passwords_in_urls_are_masked(url: str, shown: str) -> None:
+    assert mask_password(url) == shown
 
 
 def test_defaults_for_storage_and_tracking(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -5,6 +5,7 @@ one-line errors (exit 2) for bad input before any trial starts."""
 from __future__ import annotations
 
 import json
+import re
 import sys
 from pathlib import Path
 from typing import Any
@@ -92,6 +93,8 @@ def test_json_summary_has_the_documented_fields(swept: tuple[Path, dict[str, Any
     ]
     assert summary["storage"] == str((runs / "tiny" / "optuna.journal").absolute())
     assert Path(summary["best_config"]).exists()
+    fine = summary["stages"][1]
+    assert summary["importances_from"] == {"stage": "fine", "n_complete": fine["n_complete"]}
 
 
 def test_from_python_the_same_sweep_as_the_cli(
@@ -111,7 +114,10 @@ def test_from_python_the_same_sweep_as_the_cli(
         prepare_study(write_study(tmp_path), ["stages.fine.trials=0"])
 
 
-def test_live_view_and_final_tables(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_live_view_and_final_tables(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
     path = write_study(tmp_path, stages=STUDY["stages"][:1])
     code = main(["sweep", str(path), "--runs-dir", str(tmp_path / "runs")])
     captured = capsys.readouterr()
@@ -125,6 +131,12 @@ def test_live_view_and_final_tables(tmp_path: Path, capsys: pytest.CaptureFixtur
     assert f"best config: {tmp_path / 'runs' / 'tiny' / 'best_config.yaml'}" in captured.out
     assert f"plots: {tmp_path / 'runs' / 'tiny' / 'plots'}/" in captured.out
     assert "MLflow: off" in captured.out
+    assert captured.out.rstrip().endswith("storage: runs/tiny/optuna.journal")  # under the cwd
+    # 2 parameters, at most 4 complete trials: fewer than 5 a parameter
+    assert re.search(
+        r"importances: from the [2-4] complete trials of stage coarse \(too few to act on",
+        captured.out,
+    )
 
 
 @pytest.mark.filterwarnings("ignore:The ``noload`` loader strategy:DeprecationWarning")
@@ -250,7 +262,10 @@ def test_study_command_never_creates_a_storage(
             ["--tracking-uri", "http://127.0.0.1:1", "--set", "overrides.tracking.enabled=true"],
             "tracking_uri: http://127.0.0.1:1 unreachable (",
         ),
-        (["--storage", "redis://localhost/0"], "storage: 'redis://localhost/0' has scheme"),
+        (
+            ["--storage", "redis://u:secret@localhost/0"],
+            "storage: 'redis://u:***@localhost/0' has scheme",
+        ),
     ],
     ids=[
         "inverted-range",
