@@ -182,7 +182,7 @@ def run_comparison(
     runs = Path(runs_dir)
     for arm, study in studies.items():
         try:
-            preflight(study, runs)
+            preflight(study, runs, ray_address)
         except StudyError as error:
             raise StudyError(f"arms.{arm}: {error}") from None
     results: dict[str, tuple[dict[str, Any], list[StageReport]]] = {}

@@ -88,6 +88,7 @@ import logging
 import math
 import os
 import random
+import socket
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -641,6 +642,24 @@ def _check_pbt(study: StudyConfig, index: int, trial_fn: TrialFn | None) -> None
         )
 
 
+CONNECT_TIMEOUT_S = 5.0  # a cluster's address gets this long to accept a connection
+
+
+def check_ray_address(address: str | None) -> None:
+    """A cluster address must answer before anything starts: `ray.init` on one that does not
+    waits minutes for its GCS. ``host:port`` or ``ray://host:port``; ``auto``/``local`` pass."""
+    if not address or address in ("auto", "local"):
+        return
+    host, sep, port = address.removeprefix("ray://").rpartition(":")
+    if not sep or not host or not port.isdigit():
+        raise StudyError(f"ray_address: '{address}' is not host:port, ray://host:port or auto")
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=CONNECT_TIMEOUT_S).close()
+    except OSError as error:
+        reason = error.strerror or type(error).__name__
+        raise StudyError(f"ray_address: {address} unreachable ({reason})") from None
+
+
 def _start_ray(study: StudyConfig, ray_address: str | None) -> bool:
     """Connect to `ray_address`, or start a local Ray; True when this call started it."""
     import ray
@@ -649,6 +668,7 @@ def _start_ray(study: StudyConfig, ray_address: str | None) -> bool:
         return False
     options = study.ray or RayOptions()
     address = ray_address or os.environ.get("RAY_ADDRESS") or None
+    check_ray_address(address)
     kwargs: dict[str, Any] = {
         "include_dashboard": False,
         "log_to_driver": False,

@@ -240,10 +240,12 @@ def tracking_enabled(study: StudyConfig) -> bool:
     return bool(trial_config(study, {}, study.stages[0].budget).tracking.enabled)
 
 
-def preflight(study: StudyConfig, runs_dir: Path) -> None:
+def preflight(study: StudyConfig, runs_dir: Path, ray_address: str | None = None) -> None:
     """Everything that can be checked before a trial starts; raises StudyError naming it."""
     if study.backend == "ray":
-        _ray_backend()
+        import os
+
+        _ray_backend().check_ray_address(ray_address or os.environ.get("RAY_ADDRESS"))
     else:
         from studies.optuna_backend import check_storage
 
@@ -312,7 +314,7 @@ def run_sweep_reports(
     runs = Path(runs_dir)
     view = view or NullView()
     started = time.perf_counter()
-    preflight(study, runs)
+    preflight(study, runs, ray_address)
     enabled = tracking_enabled(study)
     resume = _has_results(study, runs)
     tracker = StudyTracker(

@@ -26,7 +26,7 @@ import yaml
 from studies.config import PrunerSpec, StudyConfig, load_study
 from studies.errors import StudyError
 from studies.objective import TrialOutcome, run_trial, trial_dir
-from studies.ray_backend import make_scheduler, run_ray, trial_resources
+from studies.ray_backend import check_ray_address, make_scheduler, run_ray, trial_resources
 from studies.ray_records import LOST_ERROR, NUMBER_KEY, TuneTrial, trial_record
 
 REPO = Path(__file__).resolve().parents[2]
@@ -158,6 +158,43 @@ def fake_result(
     )
     config = {NUMBER_KEY: number, "optimizer.lr": 1e-3, "optimizer.weight_decay": 0.1}
     return SimpleNamespace(config=config, metrics=metrics, metrics_dataframe=frame, error=error)
+
+
+def _closed_port() -> int:
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def test_a_cluster_address_that_does_not_answer_is_refused_at_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """ray.init would wait minutes for the GCS of an address nothing listens on."""
+    from studies.cli import main
+
+    port = _closed_port()
+    for address in (f"127.0.0.1:{port}", f"ray://127.0.0.1:{port}"):
+        with pytest.raises(StudyError, match=rf"^ray_address: {address} unreachable \("):
+            check_ray_address(address)
+    with pytest.raises(StudyError, match="'cluster' is not host:port, ray://host:port or auto"):
+        check_ray_address("cluster")
+    for address in (None, "", "auto", "local"):
+        check_ray_address(address)  # nothing to check: a local Ray, or Ray finds the cluster
+    # the sweep stops before anything starts: no MLflow parent, no storage
+    monkeypatch.chdir(tmp_path)
+    make_study(
+        tmp_path, [{"name": "coarse", "sampler": "random", "trials": 2, "budget": {"steps": 5}}]
+    )
+    study = tmp_path / "study.yaml"
+    started = time.perf_counter()
+    code = main(["sweep", str(study), "--ray-address", f"127.0.0.1:{port}"])
+    assert code == 2 and time.perf_counter() - started < 30
+    assert capsys.readouterr().err.strip() == (
+        f"scaleplan sweep: error: ray_address: 127.0.0.1:{port} unreachable (Connection refused)"
+    )
+    assert not (tmp_path / "runs").exists()
 
 
 def test_tune_results_become_trial_records(tmp_path: Path) -> None:
