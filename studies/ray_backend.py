@@ -645,11 +645,13 @@ def _check_pbt(study: StudyConfig, index: int, trial_fn: TrialFn | None) -> None
 CONNECT_TIMEOUT_S = 5.0  # a cluster's address gets this long to accept a connection
 
 
-def check_ray_address(address: str | None) -> None:
-    """A cluster address must answer before anything starts: `ray.init` on one that does not
-    waits minutes for its GCS. ``host:port`` or ``ray://host:port``; ``auto``/``local`` pass."""
+def check_ray_address(ray_address: str | None) -> str | None:
+    """The cluster to connect to (`ray_address`, else $RAY_ADDRESS; None: a local Ray), which
+    must answer before anything starts: `ray.init` on an address that does not waits minutes
+    for its GCS. ``host:port`` or ``ray://host:port``; ``auto``/``local`` are Ray's to resolve."""
+    address = ray_address or os.environ.get("RAY_ADDRESS") or None
     if not address or address in ("auto", "local"):
-        return
+        return address
     host, sep, port = address.removeprefix("ray://").rpartition(":")
     if not sep or not host or not port.isdigit():
         raise StudyError(f"ray_address: '{address}' is not host:port, ray://host:port or auto")
@@ -658,6 +660,7 @@ def check_ray_address(address: str | None) -> None:
     except OSError as error:
         reason = error.strerror or type(error).__name__
         raise StudyError(f"ray_address: {address} unreachable ({reason})") from None
+    return address
 
 
 def _start_ray(study: StudyConfig, ray_address: str | None) -> bool:
@@ -667,8 +670,7 @@ def _start_ray(study: StudyConfig, ray_address: str | None) -> bool:
     if ray.is_initialized():
         return False
     options = study.ray or RayOptions()
-    address = ray_address or os.environ.get("RAY_ADDRESS") or None
-    check_ray_address(address)
+    address = check_ray_address(ray_address)
     kwargs: dict[str, Any] = {
         "include_dashboard": False,
         "log_to_driver": False,

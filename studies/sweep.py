@@ -243,9 +243,7 @@ def tracking_enabled(study: StudyConfig) -> bool:
 def preflight(study: StudyConfig, runs_dir: Path, ray_address: str | None = None) -> None:
     """Everything that can be checked before a trial starts; raises StudyError naming it."""
     if study.backend == "ray":
-        import os
-
-        _ray_backend().check_ray_address(ray_address or os.environ.get("RAY_ADDRESS"))
+        _ray_backend().check_ray_address(ray_address)
     else:
         from studies.optuna_backend import check_storage
 

@@ -174,14 +174,24 @@ def test_a_cluster_address_that_does_not_answer_is_refused_at_once(
     """ray.init would wait minutes for the GCS of an address nothing listens on."""
     from studies.cli import main
 
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
     port = _closed_port()
     for address in (f"127.0.0.1:{port}", f"ray://127.0.0.1:{port}"):
         with pytest.raises(StudyError, match=rf"^ray_address: {address} unreachable \("):
             check_ray_address(address)
     with pytest.raises(StudyError, match="'cluster' is not host:port, ray://host:port or auto"):
         check_ray_address("cluster")
-    for address in (None, "", "auto", "local"):
-        check_ray_address(address)  # nothing to check: a local Ray, or Ray finds the cluster
+    # nothing to check: a local Ray, or Ray finds the cluster
+    assert [check_ray_address(a) for a in (None, "", "auto", "local")] == [
+        None,
+        None,
+        "auto",
+        "local",
+    ]
+    monkeypatch.setenv("RAY_ADDRESS", f"127.0.0.1:{port}")  # without --ray-address: Ray's variable
+    with pytest.raises(StudyError, match=rf"^ray_address: 127.0.0.1:{port} unreachable \("):
+        check_ray_address(None)
+    monkeypatch.delenv("RAY_ADDRESS")
     # the sweep stops before anything starts: no MLflow parent, no storage
     monkeypatch.chdir(tmp_path)
     make_study(
