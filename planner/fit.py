@@ -524,7 +524,7 @@ def _check_runs(
         )
     # both forms have a term in N and one in D: one value of either leaves its term a constant
     for (name, what), array in zip(
-        (("n_params", "model sizes"), ("n_tokens", "token budgets")), checked[:2], strict=False
+        (("n_params", "model sizes"), ("n_tokens", "token budgets")), checked[:2], strict=True
     ):
         if np.unique(array).size == 1:
             raise InputError(
