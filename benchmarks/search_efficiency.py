@@ -228,8 +228,8 @@ def steps_to_reach(points: Sequence[tuple[int, float]], target: float) -> float:
 
 def run_one(method: str, seed: int, budget: int, out: Path) -> dict[str, Any]:
     """Run `method` with `seed` in `out/<method>-s<seed>/` and summarise it."""
-    from studies.optuna_backend import run_optuna
-    from studies.ray_backend import run_ray
+    from studies.backends.optuna import run_optuna
+    from studies.backends.ray.runner import run_ray
 
     study = method_study(method, seed, budget)
     runs = (out / f"{method}-s{seed}").absolute()

@@ -111,7 +111,7 @@ def optuna_overhead(
     """
     import optuna
 
-    from studies.optuna_backend import run_optuna
+    from studies.backends.optuna import run_optuna
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     with tempfile.TemporaryDirectory() as folder:
@@ -175,7 +175,7 @@ def ray_overhead(trials: int = 32, *, workers: int = 1, sampler: str = "tpe") ->
 
     import ray
 
-    from studies.ray_backend import run_ray
+    from studies.backends.ray.runner import run_ray
 
     # the Ray workers import this module for the trainable
     here = str(Path(__file__).resolve().parent)

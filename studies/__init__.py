@@ -14,17 +14,18 @@ from studies.errors import StudyError
 from trainer.exports import lazy_getattr
 
 if TYPE_CHECKING:
+    from studies.backends import load_stage_reports
     from studies.config import StudyConfig, load_study
-    from studies.optuna_backend import load_stage_reports
-    from studies.sweep import prepare_study, run_sweep
+    from studies.sweep import prepare_study, run_study, run_sweep
 
 # Public names and the module that defines each; imported on first use, so that the CLI's
 # `import studies` stays light (`scaleplan plan` never imports torch, optuna or ray).
 _EXPORTS = {
     "StudyConfig": "studies.config",
     "load_study": "studies.config",
-    "load_stage_reports": "studies.optuna_backend",
+    "load_stage_reports": "studies.backends",
     "prepare_study": "studies.sweep",
+    "run_study": "studies.sweep",
     "run_sweep": "studies.sweep",
 }
 
@@ -34,6 +35,7 @@ __all__ = [
     "load_stage_reports",
     "load_study",
     "prepare_study",
+    "run_study",
     "run_sweep",
 ]
 

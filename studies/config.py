@@ -55,6 +55,7 @@ from pydantic import (
     model_validator,
 )
 
+from studies.backends import BACKENDS, RDB_SCHEMES, backend_info
 from studies.errors import StudyError
 
 if TYPE_CHECKING:
@@ -74,6 +75,7 @@ __all__ = [
     "check_trainer_keys",
     "condition_order",
     "load_study",
+    "validate_study",
     "space_limits",
     "tokens_per_step",
     "trainer_keys",
@@ -84,7 +86,7 @@ Choice = str | int | float | bool | None
 ParamType = Literal["float", "int", "categorical"]
 SamplerName = Literal["sobol", "random", "tpe", "gp", "cmaes"]
 PrunerName = Literal["asha", "hyperband", "median", "pbt", "none"]
-MetricName = Literal["val_loss", "best_val_loss", "val_accuracy"]
+MetricName = Literal["val_loss", "best_val_loss", "val_accuracy", "objective"]
 Direction = Literal["minimize", "maximize"]
 # metric -> the direction that improves it
 METRIC_DIRECTIONS: dict[str, Direction] = {
@@ -94,10 +96,6 @@ METRIC_DIRECTIONS: dict[str, Direction] = {
 }
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]*$"
 DEFAULT_TRACKING_URI = "sqlite:///runs/mlflow.db"
-# schemes SQLAlchemy (hence Optuna's RDBStorage) speaks; a value without a scheme is a journal file
-RDB_SCHEMES = ("sqlite", "postgresql", "mysql", "oracle", "mssql")
-# what Ray Tune's storage_path accepts through pyarrow; a value without a scheme is a folder
-RAY_STORAGE_SCHEMES = ("file", "s3", "gs", "gcs", "hdfs", "abfs", "abfss", "az")
 TRACKING_SCHEMES = ("http", "https", "file", "databricks", "databricks-uc", *RDB_SCHEMES)
 _EXPONENT_NUMBER = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)[eE][+-]?\d+$")
 
@@ -226,9 +224,11 @@ class ParamSpec(BaseModel):
 
 
 class BudgetSpec(BaseModel):
-    """How long each trial of a stage trains: optimiser steps, or tokens converted to steps."""
+    """How long each trial of a stage trains: optimiser steps, or tokens converted to steps
+    (the trainer objective). A callable objective gets the mapping as written, whatever its
+    keys (``{epochs: 12}``, ``{fidelity: 0.25}``)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="allow")
 
     steps: int | None = Field(default=None, ge=1, description="Optimiser steps per trial.")
     tokens: int | None = Field(
@@ -243,11 +243,18 @@ class BudgetSpec(BaseModel):
     def _shorthand(cls, data: Any) -> Any:
         return {"steps": data} if isinstance(data, int) and not isinstance(data, bool) else data
 
-    @model_validator(mode="after")
-    def _one_of(self) -> BudgetSpec:
+    def as_written(self) -> dict[str, Any]:
+        """The budget as the study file gives it (keys left out stay out)."""
+        return self.model_dump(mode="json", exclude_none=True)
+
+    def check_for_trainer(self) -> None:
+        """The trainer objective knows steps and tokens, exactly one of them."""
+        for key in self.model_extra or {}:
+            raise ValueError(
+                f"{key}: not a budget the trainer objective knows; use steps or tokens"
+            )
         if (self.steps is None) == (self.tokens is None):
             raise ValueError("steps: set exactly one of steps and tokens")
-        return self
 
 
 class PrunerSpec(BaseModel):
@@ -380,17 +387,25 @@ class StageSpec(BaseModel):
 
 
 class ObjectiveSpec(BaseModel):
-    """What a trial is scored by."""
+    """What a trial is scored by: a metric of the trainer, or a user's callable."""
 
     model_config = ConfigDict(extra="forbid")
 
     metric: MetricName = Field(
         default="val_loss",
-        description="val_loss: validation loss at the end of the budget; best_val_loss: the "
-        "lowest seen; val_accuracy: at the end (classifiers).",
+        description="The trainer's metric: val_loss at the end of the budget; best_val_loss: "
+        "the lowest seen; val_accuracy: at the end (classifiers). 'objective' for a callable.",
     )
     direction: Direction | None = Field(
-        default=None, description="minimize or maximize; None: the metric's own direction."
+        default=None,
+        description="minimize or maximize; None: the metric's own direction (a callable: "
+        "minimize).",
+    )
+    callable: str | None = Field(
+        default=None,
+        description="'package.module:function' called as function(params, trial) -> float "
+        "instead of the trainer (no base then); a module beside the study file imports "
+        "without being installed.",
     )
 
     @model_validator(mode="before")
@@ -400,6 +415,19 @@ class ObjectiveSpec(BaseModel):
 
     @model_validator(mode="after")
     def _direction(self) -> ObjectiveSpec:
+        if self.callable is not None:
+            if not self.callable.strip():
+                raise ValueError("callable: empty; expected 'package.module:function'")
+            if "metric" in self.model_fields_set and self.metric != "objective":
+                raise ValueError(
+                    f"metric: {self.metric} is a trainer metric; a callable objective returns "
+                    "its own value (leave metric out)"
+                )
+            self.metric = "objective"
+            self.direction = self.direction or "minimize"
+            return self
+        if self.metric == "objective":
+            raise ValueError("metric: objective is the value of a callable; set callable too")
         expected = METRIC_DIRECTIONS[self.metric]
         if self.direction is None:
             self.direction = expected
@@ -458,8 +486,10 @@ class StudyConfig(BaseModel):
         description="Study name: its folder runs/<name>/ and its Optuna study / Tune experiment; "
         "default: the study file's name.",
     )
-    base: Path = Field(
-        description="Trainer YAML the trials start from (relative: to the study file's folder)."
+    base: Path | None = Field(
+        default=None,
+        description="Trainer YAML the trials start from (relative: to the study file's folder); "
+        "none with a callable objective.",
     )
     overrides: dict[str, Any] = Field(
         default_factory=dict,
@@ -472,8 +502,9 @@ class StudyConfig(BaseModel):
     objective: ObjectiveSpec = Field(
         default_factory=ObjectiveSpec, description="The metric trials are scored by."
     )
-    backend: Literal["optuna", "ray"] = Field(
-        default="optuna", description="optuna: local or RDB storage; ray: Ray Tune."
+    backend: str = Field(
+        default="optuna",
+        description="optuna: local or RDB storage; ray: Ray Tune (`studies.backends.BACKENDS`).",
     )
     storage: str | None = Field(
         default=None,
@@ -484,6 +515,11 @@ class StudyConfig(BaseModel):
         default=None,
         description="MLflow tracking URI; None: $MLFLOW_TRACKING_URI, else "
         f"{DEFAULT_TRACKING_URI}.",
+    )
+    mlflow: bool = Field(
+        default=True,
+        description="Log the study and each trial to MLflow (false: no MLflow at all; "
+        "--tracking-uri none).",
     )
     workers: int = Field(
         default=1, ge=1, description="Trials run at once (optuna: processes; ray: concurrent)."
@@ -501,6 +537,7 @@ class StudyConfig(BaseModel):
     )
 
     _base_raw: dict[str, Any] | None = PrivateAttr(default=None)
+    _search_path: Path | None = PrivateAttr(default=None)
 
     @model_validator(mode="after")
     def _check_study(self) -> StudyConfig:
@@ -513,20 +550,72 @@ class StudyConfig(BaseModel):
                 f"stages.{names[0]}.narrow: stage '{names[0]}' is the first; there is no earlier "
                 "stage to narrow from"
             )
+        if self.backend not in BACKENDS:
+            raise StudyError(f"backend: '{self.backend}' is not one of: {', '.join(BACKENDS)}")
+        pruners = backend_info(self.backend).pruners
         for stage in self.stages:
-            if stage.pruner.name == "pbt" and self.backend != "ray":
+            if stage.pruner.name not in pruners:
+                able = [b.name for b in BACKENDS.values() if stage.pruner.name in b.pruners]
                 raise StudyError(
-                    f"stages.{stage.name}.pruner.name: pbt needs backend: ray (backend is "
-                    f"{self.backend}); with {self.backend} use asha, hyperband, median or none"
+                    f"stages.{stage.name}.pruner.name: {stage.pruner.name} needs backend: "
+                    f"{' or '.join(able)} (backend is {self.backend}); with {self.backend} use "
+                    f"{', '.join(pruners[:-1])} or {pruners[-1]}"
                 )
+        self._check_objective()
         _check_conditions(self.space)
         condition_order(self.space)
         _check_location("storage", self.storage, _storage_schemes(self.backend))
         _check_location("tracking_uri", self.tracking_uri, TRACKING_SCHEMES)
         return self
 
+    def _check_objective(self) -> None:
+        """A trainer objective needs its base and trainer budgets; a callable neither."""
+        if self.objective.callable is None:
+            if self.base is None:
+                raise StudyError(
+                    "base: missing; expected the trainer YAML's path (relative to the study), "
+                    "or objective.callable"
+                )
+            for stage in self.stages:
+                try:
+                    stage.budget.check_for_trainer()
+                except ValueError as error:
+                    raise StudyError(f"stages.{stage.name}.budget.{error}") from None
+            return
+        if self.base is not None:
+            raise StudyError(
+                f"objective.callable: '{self.objective.callable}' replaces the trainer; a study "
+                "with a callable objective takes no base (remove base or objective.callable)"
+            )
+        if self.overrides:
+            raise StudyError(
+                "overrides: trainer config keys, but the objective is a callable "
+                f"('{self.objective.callable}'); remove overrides"
+            )
+        for stage in self.stages:
+            if not stage.budget.as_written():
+                raise StudyError(f"stages.{stage.name}.budget: empty; the callable gets it")
+            if stage.pruner.name == "pbt":
+                raise StudyError(
+                    f"stages.{stage.name}.pruner.name: pbt continues trials from the trainer's "
+                    "checkpoints; a callable objective has none"
+                )
+
+    @property
+    def is_trainer(self) -> bool:
+        """Whether trials train the trainer's base config (else: a callable objective)."""
+        return self.objective.callable is None
+
+    @property
+    def search_path(self) -> Path | None:
+        """Where a callable objective's module may live besides sys.path (the study file's
+        folder)."""
+        return self._search_path
+
     def base_raw(self) -> dict[str, Any]:
         """The base trainer YAML as a plain dict (read once, kept with the study)."""
+        if self.base is None:
+            raise StudyError("base: none; the objective is a callable, not the trainer")
         if self._base_raw is None:
             self._base_raw = _read_yaml(self.base, "base")
         return self._base_raw
@@ -535,7 +624,7 @@ class StudyConfig(BaseModel):
         """`storage`, or the default: runs/<name>/optuna.journal (optuna), runs/<name>/ray (ray)."""
         if self.storage is not None:
             return self.storage
-        leaf = "optuna.journal" if self.backend == "optuna" else "ray"
+        leaf = backend_info(self.backend).default_storage
         return str((Path(runs_dir) / self.name / leaf).absolute())
 
     def resolved_tracking_uri(self) -> str:
@@ -591,7 +680,7 @@ def condition_order(space: Mapping[str, ParamSpec]) -> list[str]:
 
 
 def _storage_schemes(backend: str) -> tuple[str, ...]:
-    return RDB_SCHEMES if backend == "optuna" else RAY_STORAGE_SCHEMES
+    return backend_info(backend).storage_schemes
 
 
 def _check_location(field: str, value: str | None, schemes: tuple[str, ...]) -> None:
@@ -637,15 +726,24 @@ def load_study(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) ->
         _apply_study_override(raw, item)
     raw.setdefault("name", path.stem)
     base = raw.get("base")
-    if base is None or (isinstance(base, str) and not base.strip()):
-        raise StudyError("base: missing; expected the trainer YAML's path (relative to the study)")
+    if isinstance(base, str) and not base.strip():
+        raise StudyError("base: empty; expected the trainer YAML's path (relative to the study)")
     if isinstance(base, str):
         raw["base"] = str((path.parent / base).absolute()) if not Path(base).is_absolute() else base
+    study = validate_study(raw, search_path=path.parent.absolute())
+    if study.is_trainer:
+        check_trainer_keys(study)
+    return study
+
+
+def validate_study(raw: Mapping[str, Any], *, search_path: Path | None = None) -> StudyConfig:
+    """A study from a mapping (a study file's, or one built in Python); StudyError on a
+    mistake. `search_path`: where a callable objective's module may be found."""
     try:
         study = StudyConfig.model_validate(raw)
     except ValidationError as exc:
         raise _study_error(exc, raw) from None
-    check_trainer_keys(study)
+    study._search_path = search_path
     return study
 
 
@@ -981,12 +1079,13 @@ def check_trainer_keys(study: StudyConfig) -> None:
     from trainer.config import parse_config
     from trainer.errors import ConfigError
 
+    base_name = study.base.name if study.base is not None else "(none)"
     try:
         parse_config(study.base_raw())
     except StudyError:
         raise
     except ConfigError as error:
-        raise StudyError(f"base: {study.base.name}: {error}") from None
+        raise StudyError(f"base: {base_name}: {error}") from None
     kind = _model_kind({**study.base_raw(), **_nested(study.overrides)})
     tree = _field_tree(kind)
     for key in study.overrides:
@@ -994,7 +1093,7 @@ def check_trainer_keys(study: StudyConfig) -> None:
     try:
         parse_config(_resolved_raw(study, {}))
     except ConfigError as error:
-        raise StudyError(f"overrides: with base {study.base.name}: {error}") from None
+        raise StudyError(f"overrides: with base {base_name}: {error}") from None
     for name in study.space:
         _check_key(tree, name, f"space.{name}")
     for name, spec in study.space.items():
@@ -1071,6 +1170,8 @@ def trial_config(study: StudyConfig, params: Mapping[str, Any], budget: BudgetSp
         raise StudyError(f"space: {error}") from None
     # both updates are already valid values: no need to validate the whole config again
     update: dict[str, Any] = {"steps": budget_steps(config, budget)}
-    if study.tracking_uri is not None:
+    if not study.mlflow:
+        update["tracking"] = config.tracking.model_copy(update={"enabled": False})
+    elif study.tracking_uri is not None:
         update["tracking"] = config.tracking.model_copy(update={"tracking_uri": study.tracking_uri})
     return config.model_copy(update=update)

@@ -25,7 +25,7 @@ Example:
     >>> train(config, out_dir=..., parent_run_id=tracker.parent_run_id)  # doctest: +SKIP
     >>> tracker.record_trial(outcome, number=0, stage="coarse", params={"optimizer.lr": 1e-3})
     ... # doctest: +SKIP
-    >>> tracker.finish(optuna_study, trials=[], best_config_yaml=text, out_dir=Path("runs/q"))
+    >>> tracker.finish(trials=records, best_config_yaml=text, out_dir=Path("runs/q"))
     ... # doctest: +SKIP
 """
 
@@ -58,8 +58,8 @@ from trainer.tracking import (
 if TYPE_CHECKING:
     import optuna
 
-    from studies.config import StudyConfig
-    from studies.objective import TrialOutcome
+    from studies.config import ParamSpec, StudyConfig
+    from studies.records import TrialOutcome
 
 __all__ = [
     "PARENT_FILE",
@@ -172,9 +172,9 @@ class StudyTracker:
 
     def finish(
         self,
-        optuna_study: optuna.Study | None,
         *,
-        trials: list[dict[str, Any]],
+        trials: Sequence[Mapping[str, Any]],
+        space: Mapping[str, ParamSpec] | None = None,
         best_config_yaml: str,
         out_dir: Path,
         status: str = "FINISHED",
@@ -183,8 +183,8 @@ class StudyTracker:
 
         Files: ``best_config.yaml`` (ready for ``scaleplan train``; not written when
         `best_config_yaml` is empty), ``importances.json`` (fANOVA), ``plots/<name>.png`` and
-        ``plots/<name>.html``. With `optuna_study` None the plots and importances come from the
-        `trials` records ``{number, stage, state, value, params, reason}``.
+        ``plots/<name>.html``, all from the `trials` records (`studies.records.TrialRecord`) of
+        one stage, over that stage's `space` (None: the study's).
 
         Returns ``{"plots": [paths], "importances": {...}, "best_config": path | None,
         "notes": [...], "parent_run_id": ..., "experiment": ...}``.
@@ -193,15 +193,16 @@ class StudyTracker:
         out.mkdir(parents=True, exist_ok=True)
         direction = self.study.objective.direction or "minimize"
         notes: list[str] = []
-        source = optuna_study
-        if source is None:
-            try:
-                source = study_from_trials(
-                    trials, direction=direction, space=self.study.space, study_name=self.study.name
-                )
-            except (ValueError, TypeError) as error:  # odd records: no plots, still an end
-                notes.append(f"plots: none drawn ({_reason(error)})")
-                source = study_from_trials([], direction=direction, study_name=self.study.name)
+        try:
+            source = study_from_trials(
+                trials,
+                direction=direction,
+                space=self.study.space if space is None else space,
+                study_name=self.study.name,
+            )
+        except (ValueError, TypeError) as error:  # odd records: no plots, still an end
+            notes.append(f"plots: none drawn ({_reason(error)})")
+            source = study_from_trials([], direction=direction, study_name=self.study.name)
         plots = study_plots(source, out / "plots", notes=notes)
         importances = param_importances(source)
         importances_path = out / "importances.json"

@@ -38,9 +38,10 @@ import math
 import re
 import shutil
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any
+
+from studies.records import TrialOutcome
 
 if TYPE_CHECKING:
     from studies.config import StageSpec, StudyConfig
@@ -51,36 +52,18 @@ __all__ = [
     "PRUNED",
     "Report",
     "TrialOutcome",
+    "error_reason",
     "trial_dir",
     "trial_run_id",
     "run_trial",
 ]
 
-TrialState = Literal["complete", "pruned", "failed"]
 # report(step, value) -> True: prune the trial now
 Report = Callable[[int, float], bool]
 PRUNED = "pruned"  # the StopTraining reason run_trial's callback raises
 OUT_OF_MEMORY = "out of memory"
 MAX_REASON_CHARS = 300
 _NONFINITE_MESSAGE = re.compile(r"step (\d+): (.+?) is \S+ \(non-finite\)")
-
-
-@dataclass(frozen=True)
-class TrialOutcome:
-    """What one trial produced; the backends store it and MLflow tags it."""
-
-    state: TrialState
-    value: float | None  # objective at the end of the budget (None unless complete)
-    reason: str | None  # why pruned or failed, one line
-    steps: int  # optimiser steps done
-    intermediate: list[tuple[int, float]] = field(default_factory=list)  # (step, objective)
-    run_id: str | None = None  # the MLflow child run, if any
-    out_dir: str = ""
-    params_count: int | None = None  # for the runs table export
-    tokens: int | None = None
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 def trial_dir(study: StudyConfig, trial_id: str, runs_dir: str | Path | None = None) -> Path:
@@ -96,6 +79,7 @@ def run_trial(
     params: dict[str, Any],
     *,
     trial_id: str,
+    number: int | None = None,
     report: Report | None = None,
     parent_run_id: str | None = None,
     tags: dict[str, str] | None = None,
@@ -106,9 +90,11 @@ def run_trial(
 ) -> TrialOutcome:
     """Train `study`'s base config with `params` for `stage`'s budget; never raises for the
     trial's own failures (see the module docstring). `report(step, value)` is called at each
-    evaluation with the objective; returning True prunes the trial.
+    evaluation with the objective; returning True prunes the trial. `number` (the trial's in
+    its stage) is part of every trial function's signature; the trainer names trials by
+    `trial_id` alone.
 
-    For PBT (`studies.ray_backend`): `callbacks` run before the reporter at each step;
+    For PBT (`studies.backends.ray.pbt`): `callbacks` run before the reporter at each step;
     `resume` continues this trial's own folder; `start_from` starts from another trial's
     checkpoint under this trial's hyperparameters (``trainer.train(start_from=...)``)."""
     out_dir = trial_dir(study, trial_id, runs_dir)
@@ -132,7 +118,7 @@ def run_trial(
             tags=tags,
         )
     except Exception as error:
-        return _failed(out_dir, intermediate, _error_reason(error))
+        return _failed(out_dir, intermediate, error_reason(error))
     return _outcome(result, metric, intermediate, out_dir)
 
 
@@ -243,7 +229,7 @@ def _failed(out_dir: Path, intermediate: list[tuple[int, float]], reason: str) -
     )
 
 
-def _error_reason(error: BaseException) -> str:
+def error_reason(error: BaseException) -> str:
     """One line: "out of memory", or ``Type: message``."""
     if _is_out_of_memory(error):
         _release_cuda_memory()

@@ -350,7 +350,7 @@ def make_pruner(
     Resources are the steps a trial reports its validation metric at. asha: asynchronous
     successive halving; hyperband (up to `max_resource`, the stage's steps; None: inferred);
     median: stop below the median of earlier trials at the same step; none. pbt is Ray's
-    (`studies.ray_backend`): Optuna has no Population Based Training.
+    (`studies.backends.ray.pbt`): Optuna has no Population Based Training.
     """
     import optuna
 

@@ -40,8 +40,16 @@ if TYPE_CHECKING:
     from optuna.distributions import BaseDistribution
 
     from studies.config import Direction, ParamSpec
+    from studies.records import StageReport
 
-__all__ = ["PLOT_NAMES", "atomic_path", "param_importances", "study_from_trials", "study_plots"]
+__all__ = [
+    "PLOT_NAMES",
+    "atomic_path",
+    "param_importances",
+    "report_study",
+    "study_from_trials",
+    "study_plots",
+]
 
 PLOT_NAMES = ("optimization_history", "parallel_coordinate", "slice", "contour")
 CONTOUR_MAX_PARAMS = 4  # a contour grid is params x params panels: keep it readable
@@ -122,6 +130,17 @@ def study_from_trials(
         )
     study.add_trials(frozen)
     return study
+
+
+def report_study(report: StageReport) -> optuna.Study:
+    """One stage's trial records as an in-memory Optuna study over the stage's space: what
+    Optuna's plots and importance evaluators take, whichever backend ran the stage."""
+    return study_from_trials(
+        report.trials,
+        direction="maximize" if report.direction == "maximize" else "minimize",
+        space=report.space,
+        study_name=report.name,
+    )
 
 
 def study_plots(

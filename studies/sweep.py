@@ -8,37 +8,33 @@
 2. `preflight`, before any trial: the backend exists, the storage opens (a PostgreSQL server
    that does not answer within seconds is ``storage: postgresql://u:***@host/db unreachable
    (...)``), the MLflow tracking URI answers (`studies.mlflow_study.check_tracking_uri`).
-3. The backend runs the stages (`studies.optuna_backend.run_optuna`, or
-   `studies.ray_backend.run_ray`) and returns one `StageReport` per stage.
+3. The backend (`studies.backends.get_backend`) runs the stages and returns one `StageReport`
+   per stage, with every trial as a `studies.records.TrialRecord`.
 4. `summarise`: the best configuration, the top trials, the counts; `StudyTracker.finish` writes
    the best config, importances and plots under ``runs/<study>/`` and ends the MLflow parent.
 
-The backend interface (a Ray backend implements the same)::
-
-    run(study, *, runs_dir, workers, view, tracker, ray_address) -> list[StageReport]
-
-where `view` is a `SweepView` (the live display; `NullView` for ``--json``) and `tracker` a
-`StudyTracker` whose ``parent_run_id`` nests the trials' MLflow runs (None: no MLflow).
-
-Counting: a stage is done when its *finished* trials (complete + pruned + failed) reach the
-requested number. Failed trials are data and count; trials that were interrupted (their
-process died, or ^C) do not: they are marked ``interrupted`` and another trial takes their
-place. Values measured at different budgets are not comparable, so the best configuration is
-the best complete trial of the last stage that has one, or of any stage trained with the same
-budget (`comparable_trials`).
+Counting: see `studies.records`. The objective is the trainer or a user's callable
+(`studies.objectives`); nothing here knows which, nor which backend runs.
 """
 
 from __future__ import annotations
 
-import math
 import time
-from collections.abc import Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any
 
-from studies.config import ParamSpec, StageSpec, StudyConfig, load_study, mask_password
-from studies.errors import StudyError
+from studies.config import StudyConfig, load_study, mask_password
+from studies.records import (
+    NullView,
+    StageCounts,
+    StageReport,
+    SweepView,
+    best_trial,
+    comparable_trials,
+    count_trials,
+    study_ranking,
+)
 
 if TYPE_CHECKING:
     from studies.mlflow_study import StudyTracker
@@ -55,6 +51,7 @@ __all__ = [
     "count_trials",
     "prepare_study",
     "preflight",
+    "run_study",
     "run_sweep",
     "run_sweep_reports",
     "summarise",
@@ -62,136 +59,6 @@ __all__ = [
 ]
 
 TOP_TRIALS = 5  # rows of the final table
-FINISHED_STATES = ("complete", "pruned", "failed")
-
-
-@dataclass
-class StageCounts:
-    """Where a stage stands: trials by state, and its best complete trial so far."""
-
-    requested: int
-    complete: int = 0
-    pruned: int = 0
-    failed: int = 0
-    running: int = 0
-    interrupted: int = 0  # do not count; retried by another trial
-    best_value: float | None = None
-    best_number: int | None = None
-
-    @property
-    def finished(self) -> int:
-        """Complete + pruned + failed: what the requested number counts."""
-        return self.complete + self.pruned + self.failed
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "requested": self.requested,
-            "n_finished": self.finished,
-            "n_complete": self.complete,
-            "n_pruned": self.pruned,
-            "n_failed": self.failed,
-            "n_interrupted": self.interrupted,
-            "best_value": self.best_value,
-            "best_trial": self.best_number,
-        }
-
-
-@dataclass
-class StageReport:
-    """One stage after it ran: its space, what narrowing said, its counts and trial records.
-
-    A trial record is ``{number, stage, state, value, last_value, params, reason, steps,
-    tokens, params_count, out_dir, run_id}``; state is complete / pruned / failed /
-    interrupted / running / waiting; `value` is the objective of a complete trial, `last_value`
-    the last intermediate one (a pruned trial's loss where it stopped).
-    """
-
-    name: str
-    index: int
-    sampler: str
-    pruner: str
-    budget_steps: int
-    space: dict[str, ParamSpec]
-    notes: list[str]
-    counts: StageCounts
-    trials: list[dict[str, Any]] = field(default_factory=list)
-    source: Any = None  # the backend's study object (optuna.Study), for plots and importances
-
-    def to_dict(self, direction: str) -> dict[str, Any]:
-        best = best_trial(self.trials, direction)
-        return {
-            "name": self.name,
-            "sampler": self.sampler,
-            "pruner": self.pruner,
-            "budget_steps": self.budget_steps,
-            **self.counts.to_dict(),
-            "best_params": best["params"] if best else None,
-            "space": {name: spec.describe() for name, spec in self.space.items()},
-            "notes": self.notes,
-        }
-
-
-class SweepView(Protocol):
-    """The live display of a sweep (stderr); the backends call it as the stages run."""
-
-    def stage_started(
-        self, stage: StageSpec, index: int, space: dict[str, ParamSpec], notes: list[str]
-    ) -> None: ...
-
-    def progress(self, stage: str, counts: StageCounts) -> None: ...
-
-    def stage_finished(self, report: StageReport) -> None: ...
-
-    def message(self, text: str) -> None: ...
-
-
-class NullView:
-    """No display (``--json``, tests, benchmarks)."""
-
-    def stage_started(
-        self, stage: StageSpec, index: int, space: dict[str, ParamSpec], notes: list[str]
-    ) -> None:
-        pass
-
-    def progress(self, stage: str, counts: StageCounts) -> None:
-        pass
-
-    def stage_finished(self, report: StageReport) -> None:
-        pass
-
-    def message(self, text: str) -> None:
-        pass
-
-
-# ---------------------------------------------------------------------------------------------
-# Counting and ranking trial records
-
-
-def count_trials(trials: Sequence[dict[str, Any]], requested: int, direction: str) -> StageCounts:
-    counts = StageCounts(requested=requested)
-    for trial in trials:
-        state = trial["state"]
-        if state in ("complete", "pruned", "failed", "running", "interrupted"):
-            setattr(counts, state, getattr(counts, state) + 1)
-    best = best_trial(trials, direction)
-    if best is not None:
-        counts.best_value, counts.best_number = best["value"], best["number"]
-    return counts
-
-
-def ranked_trials(trials: Sequence[dict[str, Any]], direction: str) -> list[dict[str, Any]]:
-    """Complete trials with a finite value, best first."""
-    done = [
-        t
-        for t in trials
-        if t["state"] == "complete" and t["value"] is not None and math.isfinite(t["value"])
-    ]
-    return sorted(done, key=lambda t: t["value"], reverse=direction == "maximize")
-
-
-def best_trial(trials: Sequence[dict[str, Any]], direction: str) -> dict[str, Any] | None:
-    ranked = ranked_trials(trials, direction)
-    return ranked[0] if ranked else None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -209,7 +76,7 @@ def prepare_study(
 ) -> StudyConfig:
     """The study file with ``--set`` overrides, then the command's options on top.
 
-    ``tracking_uri="none"`` turns MLflow off (``overrides.tracking.enabled=false``).
+    ``tracking_uri="none"`` turns MLflow off (``mlflow=false``).
     """
     items = list(overrides)
     if backend is not None:
@@ -218,7 +85,7 @@ def prepare_study(
         items.append(f"storage={_yaml_string(storage)}")
     if tracking_uri is not None:
         if tracking_uri.strip().lower() == "none":
-            items.append("overrides.tracking.enabled=false")
+            items.append("mlflow=false")
         else:
             items.append(f"tracking_uri={_yaml_string(tracking_uri)}")
     if workers is not None:
@@ -234,7 +101,10 @@ def _yaml_string(text: str) -> str:
 
 
 def tracking_enabled(study: StudyConfig) -> bool:
-    """Whether the trials' trainer config logs to MLflow (``tracking.enabled``)."""
+    """Whether the study logs to MLflow: ``mlflow``, and for the trainer objective its trials'
+    config too (``tracking.enabled``)."""
+    if not study.mlflow or not study.is_trainer:
+        return study.mlflow
     from studies.config import trial_config
 
     return bool(trial_config(study, {}, study.stages[0].budget).tracking.enabled)
@@ -242,35 +112,59 @@ def tracking_enabled(study: StudyConfig) -> bool:
 
 def preflight(study: StudyConfig, runs_dir: Path, ray_address: str | None = None) -> None:
     """Everything that can be checked before a trial starts; raises StudyError naming it."""
-    if study.backend == "ray":
-        _ray_backend().check_ray_address(ray_address)
-    else:
-        from studies.optuna_backend import check_storage
+    from studies.backends import get_backend
+    from studies.objectives import objective_for
 
-        check_storage(study.resolved_storage(runs_dir))
+    objective_for(study).check(study)  # first: it writes nothing
+    get_backend(study.backend).preflight(study, runs_dir, ray_address)
     if tracking_enabled(study):
         from studies.mlflow_study import check_tracking_uri
 
         check_tracking_uri(study.tracking_uri)
 
 
-def _ray_backend() -> Any:
-    import importlib
-
-    try:
-        return importlib.import_module("studies.ray_backend")
-    except ImportError as error:  # ModuleNotFoundError, or None in sys.modules
-        name = error.name or ""
-        if name in ("studies.ray_backend", "ray") or name.startswith("ray."):
-            raise StudyError(
-                "backend ray: Ray Tune is not installed (pip install 'ray[tune]'); "
-                "use backend optuna"
-            ) from None
-        raise
-
-
 # ---------------------------------------------------------------------------------------------
 # The sweep
+
+
+def run_study(
+    objective: Callable[..., Any] | str,
+    space: Mapping[str, Any],
+    stages: Sequence[Mapping[str, Any]],
+    *,
+    name: str = "study",
+    direction: str = "minimize",
+    backend: str = "optuna",
+    runs_dir: str | Path = "runs",
+    view: SweepView | None = None,
+    ray_address: str | None = None,
+    **fields: Any,
+) -> dict[str, Any]:
+    """A study of a callable objective from Python: ``objective(params, trial) -> float``
+    over `space` (name -> ``{low, high, log}`` or ``{choices}``, as in a study file), in
+    `stages` (mappings as in a study file); returns the summary ``scaleplan sweep --json``
+    prints. Other study fields (``storage``, ``tracking_uri``, ``workers``, ``seed``,
+    ``mlflow``, ``ray``) go in `fields`. A function that other processes cannot import (a
+    lambda, one defined in __main__) runs with backend optuna and one worker only.
+
+        >>> summary = run_study(quadratic, {"x": {"low": -1.0, "high": 1.0}},
+        ...                     [{"name": "all", "sampler": "tpe", "trials": 20,
+        ...                       "budget": {"steps": 1}}])  # doctest: +SKIP
+    """
+    from studies.config import validate_study
+    from studies.objectives import callable_name
+
+    target = objective if isinstance(objective, str) else callable_name(objective)
+    raw = {
+        "name": name,
+        "objective": {"callable": target, "direction": direction},
+        "space": dict(space),
+        "stages": [dict(stage) for stage in stages],
+        "backend": backend,
+        **fields,
+    }
+    study = validate_study(raw)
+    return run_sweep(study, runs_dir=runs_dir, view=view, ray_address=ray_address)
 
 
 def run_sweep(
@@ -307,14 +201,16 @@ def run_sweep_reports(
     trial_fn: Any = None,
 ) -> tuple[dict[str, Any], list[StageReport]]:
     """`run_sweep`, with the stage reports (every trial's record) beside the summary."""
+    from studies.backends import get_backend
     from studies.mlflow_study import StudyTracker
 
     runs = Path(runs_dir)
     view = view or NullView()
     started = time.perf_counter()
     preflight(study, runs, ray_address)
+    backend = get_backend(study.backend)
     enabled = tracking_enabled(study)
-    resume = _has_results(study, runs)
+    resume = backend.study_exists(study, runs)
     tracker = StudyTracker(
         study, resume=resume, runs_dir=runs, study_file=study_file, enabled=enabled
     )
@@ -322,31 +218,16 @@ def run_sweep_reports(
     if tracker.parent_run_id is not None:
         study = study.model_copy(update={"tracking_uri": tracker.tracking_uri})
     elif enabled:
-        study = study.model_copy(
-            update={"overrides": {**study.overrides, "tracking.enabled": False}}
-        )
+        study = study.model_copy(update={"mlflow": False})
     try:
-        if study.backend == "ray":
-            reports = _ray_backend().run_ray(
-                study,
-                runs_dir=runs,
-                workers=study.workers,
-                view=view,
-                tracker=tracker,
-                ray_address=ray_address,
-                trial_fn=trial_fn,
-            )
-        else:
-            from studies.optuna_backend import run_optuna
-
-            reports = run_optuna(
-                study,
-                runs_dir=runs,
-                workers=study.workers,
-                view=view,
-                tracker=tracker,
-                trial_fn=trial_fn,
-            )
+        reports = backend.run(
+            study,
+            runs_dir=runs,
+            view=view,
+            tracker=tracker,
+            ray_address=ray_address,
+            trial_fn=trial_fn,
+        )
     except KeyboardInterrupt:
         tracker.abort("KILLED", "interrupted")
         raise
@@ -356,15 +237,6 @@ def run_sweep_reports(
     summary = summarise(study, reports, tracker, runs)
     summary["wall_seconds"] = time.perf_counter() - started
     return summary, reports
-
-
-def _has_results(study: StudyConfig, runs_dir: Path) -> bool:
-    """Whether the storage already holds this study (then the MLflow parent is resumed too)."""
-    if study.backend == "ray":
-        return True
-    from studies.optuna_backend import study_exists
-
-    return study_exists(study, runs_dir)
 
 
 def summarise(
@@ -383,8 +255,8 @@ def summarise(
     source = chosen or (reports[-1] if reports else None)
     if tracker is not None:
         artifacts = tracker.finish(
-            source.source if source is not None else None,
             trials=source.trials if source is not None else [],
+            space=source.space if source is not None else study.space,
             best_config_yaml=_best_config_yaml(study, best, chosen),
             out_dir=out_dir,
         )
@@ -410,9 +282,7 @@ def summarise(
         "mlflow_experiment": tracker.experiment_name if active and tracker else None,
         "mlflow_parent_run_id": tracker.parent_run_id if active and tracker else None,
         "tracking_uri": tracker.tracking_uri if active and tracker else None,
-        "storage": (
-            mask_password(study.resolved_storage(runs_dir)) if study.backend == "optuna" else None
-        ),
+        "storage": mask_password(study.resolved_storage(runs_dir)),
         "study_dir": str(out_dir),
         "best_config": _path_or_none(artifacts.get("best_config")),
         "plots": [str(p) for p in artifacts.get("plots") or []],
@@ -431,28 +301,7 @@ def summarise(
     }
 
 
-def study_ranking(
-    reports: Sequence[StageReport], direction: str
-) -> tuple[StageReport | None, list[dict[str, Any]]]:
-    """(the last stage with a complete trial, the complete trials of every stage trained with
-    its budget, best first): how a study's best and top trials are chosen."""
-    chosen = next(
-        (r for r in reversed(reports) if best_trial(r.trials, direction) is not None), None
-    )
-    return chosen, ranked_trials(comparable_trials(reports, chosen), direction)
-
-
-def comparable_trials(
-    reports: Sequence[StageReport], chosen: StageReport | None
-) -> list[dict[str, Any]]:
-    """The trials of every stage trained with `chosen`'s budget (the last stage with a complete
-    trial): their values compare; a shorter stage's do not."""
-    if chosen is None:
-        return []
-    return [t for r in reports if r.budget_steps == chosen.budget_steps for t in r.trials]
-
-
-def _failure_reasons(trials: Sequence[dict[str, Any]]) -> dict[str, int]:
+def _failure_reasons(trials: Sequence[Mapping[str, Any]]) -> dict[str, int]:
     """Failed trials by reason, most common first."""
     reasons: dict[str, int] = {}
     for trial in trials:
@@ -462,7 +311,7 @@ def _failure_reasons(trials: Sequence[dict[str, Any]]) -> dict[str, int]:
     return dict(sorted(reasons.items(), key=lambda item: -item[1]))
 
 
-def _trial_brief(trial: dict[str, Any] | None) -> dict[str, Any] | None:
+def _trial_brief(trial: Mapping[str, Any] | None) -> dict[str, Any] | None:
     if trial is None:
         return None
     return {
@@ -478,25 +327,35 @@ def _path_or_none(path: Any) -> str | None:
 
 
 def _best_config_yaml(
-    study: StudyConfig, best: dict[str, Any] | None, stage: StageReport | None
+    study: StudyConfig, best: Mapping[str, Any] | None, stage: StageReport | None
 ) -> str:
-    """The best trial's resolved trainer config, ready for ``scaleplan train``."""
+    """The best trial's configuration: the resolved trainer config, ready for ``scaleplan
+    train``; for a callable objective, its params and budget."""
+    import yaml
+
     if best is None or stage is None:
         return ""
-    config_path = Path(best.get("out_dir") or "") / "config.yaml"
+    title = (
+        f"# Best configuration of study '{study.name}': stage {best['stage']}, trial "
+        f"{best['number']}, {study.objective.metric} {best['value']:.6g}\n"
+    )
+    if not study.is_trainer:
+        body = {
+            "objective": study.objective.callable,
+            "stage": best["stage"],
+            "budget": best.get("budget") or stage.budget,
+            "params": dict(best["params"]),
+        }
+        return title + yaml.safe_dump(body, sort_keys=False)
+    config_path = Path(best["out_dir"]) / "config.yaml" if best.get("out_dir") else None
     try:
-        body = config_path.read_text()
+        if config_path is None:
+            raise FileNotFoundError("the trial has no folder")
+        text = config_path.read_text()
     except OSError:
-        import yaml
-
         from studies.config import trial_config
 
         spec = next(s for s in study.stages if s.name == best["stage"])
         config = trial_config(study, best["params"], spec.budget)
-        body = yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)
-    header = (
-        f"# Best configuration of study '{study.name}': stage {best['stage']}, trial "
-        f"{best['number']}, {study.objective.metric} {best['value']:.6g}\n"
-        "#   scaleplan train best_config.yaml --out runs/train/best\n"
-    )
-    return header + body
+        text = yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)
+    return title + "#   scaleplan train best_config.yaml --out runs/train/best\n" + text

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import math
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 _SUFFIXES = ((1e12, "T"), (1e9, "B"), (1e6, "M"), (1e3, "k"))
@@ -95,7 +95,7 @@ def warn(message: str) -> None:
     print(f"warning: {message}", file=sys.stderr)
 
 
-def trial_labels(trials: list[dict[str, Any]]) -> tuple[str, list[str]]:
+def trial_labels(trials: Sequence[Mapping[str, Any]]) -> tuple[str, list[str]]:
     """(``stage fine`` or ``stages coarse, fine``, a label per trial): the trial number alone
     when the trials share a stage, else ``<stage>-<number>`` (its folder's name)."""
     stages = list(dict.fromkeys(str(t["stage"]) for t in trials))

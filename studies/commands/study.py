@@ -14,10 +14,11 @@ not finished (the sweep is running, or was stopped) shows how many of its trials
 
 The export has one row per trial that measured a loss (complete, and pruned at the step it
 stopped), with the runs-table columns ``params`` (parameters), ``tokens`` (tokens trained) and
-``loss`` (final validation loss), then ``study, stage, number, state, value, steps, reason,
-out_dir, run_id, continued_from`` (a PBT trial's takeover of another's weights: ``trial 3 at
-step 40``) and one column per hyperparameter. ``--all`` adds failed and interrupted trials,
-with empty loss.
+``loss`` (final validation loss), then ``study, stage, number, state, value, steps, flops,
+seconds, reason, out_dir, run_id, continued_from`` (a PBT trial's takeover of another's
+weights: ``trial 3 at step 40``) and one column per hyperparameter. ``--all`` adds failed and
+interrupted trials, with empty loss. A callable objective's study has a row per trial that
+measured a value (no model size or tokens: not a runs table for ``scaleplan fit``).
 """
 
 from __future__ import annotations
@@ -28,14 +29,14 @@ import io
 import json
 import math
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from studies.commands import output
 
 if TYPE_CHECKING:
-    from studies.sweep import StageReport
+    from studies.records import StageReport
 
 RUNS_TABLE_COLUMNS = ("params", "tokens", "loss")
 TRIAL_COLUMNS = (
@@ -45,6 +46,8 @@ TRIAL_COLUMNS = (
     "state",
     "value",
     "steps",
+    "flops",
+    "seconds",
     "reason",
     "out_dir",
     "run_id",
@@ -89,56 +92,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    name, storage, backend = _locate(args.name, args.storage, Path(args.runs_dir))
-    reports = _load(name, storage, backend)
+    from studies.backends import load_stage_reports, locate_study
+
+    name, storage = args.name, args.storage
+    runs_dir = Path(args.runs_dir)
+    if name.endswith((".yaml", ".yml")):  # a study file: its name, backend and storage
+        from studies.config import load_study
+
+        study = load_study(name)
+        name, storage = study.name, storage or study.resolved_storage(runs_dir)
+        backend = study.backend
+    else:
+        storage, backend = locate_study(name, storage, runs_dir)
+    reports = load_stage_reports(name, storage, backend)
     if args.action == "show":
         return _show(name, storage, reports, args.json)
     if args.action == "best":
         return _best(name, reports, args.json)
     return _export(name, reports, args.out, args.all)
-
-
-def _locate(name: str, storage: str | None, runs_dir: Path) -> tuple[str, str, str]:
-    """(study name, storage, backend) from a name or a study file."""
-    if name.endswith((".yaml", ".yml")):
-        from studies.config import load_study
-
-        study = load_study(name)
-        return study.name, storage or study.resolved_storage(runs_dir), study.backend
-    if storage is not None:
-        return name, storage, _backend_of(storage)
-    journal = (runs_dir / name / "optuna.journal").absolute()
-    ray_folder = (runs_dir / name / "ray").absolute()
-    if journal.exists() and ray_folder.is_dir():
-        from studies.errors import StudyError
-
-        raise StudyError(
-            f"study: {runs_dir / name} holds an Optuna journal and Ray experiments; name the "
-            "study file or --storage"
-        )
-    if ray_folder.is_dir():
-        return name, str(ray_folder), "ray"
-    return name, str(journal), "optuna"
-
-
-def _backend_of(storage: str) -> str:
-    """Ray's storage is a folder or an object-store URI; Optuna's a journal file or an RDB URL."""
-    from studies.config import RAY_STORAGE_SCHEMES
-
-    scheme, sep, _ = storage.partition("://")
-    if sep:
-        return "ray" if scheme.lower() in RAY_STORAGE_SCHEMES else "optuna"
-    return "ray" if Path(storage).is_dir() else "optuna"
-
-
-def _load(name: str, storage: str, backend: str) -> list[StageReport]:
-    if backend == "ray":
-        from studies import ray_records
-
-        return ray_records.load_stage_reports(name, storage)
-    from studies import optuna_backend
-
-    return optuna_backend.load_stage_reports(name, storage)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -147,11 +118,10 @@ def _load(name: str, storage: str, backend: str) -> list[StageReport]:
 
 def _show(name: str, storage: str, reports: list[StageReport], as_json: bool) -> int:
     from studies.config import mask_password
-    from studies.optuna_backend import stage_direction, stage_metric
     from studies.sweep import study_ranking
 
-    direction = stage_direction(reports[0])
-    metric = stage_metric(reports[0])
+    direction = reports[0].direction
+    metric = reports[0].metric
     _, ranked = study_ranking(reports, direction)
     top = ranked[:TOP_TRIALS]
     if as_json:
@@ -228,11 +198,10 @@ def _show(name: str, storage: str, reports: list[StageReport], as_json: bool) ->
 
 def _best(name: str, reports: list[StageReport], as_json: bool) -> int:
     from studies.errors import StudyError
-    from studies.optuna_backend import stage_direction, stage_metric
     from studies.sweep import study_ranking
 
-    direction = stage_direction(reports[0])
-    metric = stage_metric(reports[0])
+    direction = reports[0].direction
+    metric = reports[0].metric
     _, ranked = study_ranking(reports, direction)
     if not ranked:
         raise StudyError(f"study: '{name}' has no complete trial yet; see `scaleplan study show`")
@@ -270,7 +239,7 @@ def _best(name: str, reports: list[StageReport], as_json: bool) -> int:
     return 0
 
 
-def _trial_config_text(trial: dict[str, Any]) -> str:
+def _trial_config_text(trial: Mapping[str, Any]) -> str:
     if not trial.get("out_dir"):
         return ""
     try:
@@ -285,9 +254,10 @@ def _trial_config_text(trial: dict[str, Any]) -> str:
 
 def export_rows(name: str, reports: Sequence[StageReport], every: bool) -> list[dict[str, Any]]:
     """One runs-table row per trial (only those with a loss unless `every`)."""
-    from studies.optuna_backend import stage_metric
 
-    loss_metric = stage_metric(reports[0]) in ("val_loss", "best_val_loss") if reports else True
+    loss_metric = reports[0].metric in ("val_loss", "best_val_loss") if reports else True
+    # a callable objective's trials are no runs table: each one that measured a value is a row
+    callable_objective = bool(reports) and reports[0].meta.get("objective") == "callable"
     rows = []
     for report in reports:
         for trial in report.trials:
@@ -302,7 +272,8 @@ def export_rows(name: str, reports: Sequence[StageReport], every: bool) -> list[
                 and bool(trial["params_count"])
                 and bool(trial["tokens"])
             )
-            if not (usable or every):
+            measured = callable_objective and trial["last_value"] is not None
+            if not (usable or every or measured):
                 continue
             row: dict[str, Any] = {
                 "params": trial["params_count"],
@@ -314,6 +285,8 @@ def export_rows(name: str, reports: Sequence[StageReport], every: bool) -> list[
                 "state": trial["state"],
                 "value": trial["value"],
                 "steps": trial["steps"],
+                "flops": trial.get("flops"),
+                "seconds": trial.get("seconds"),
                 "reason": trial["reason"],
                 "out_dir": trial["out_dir"],
                 "run_id": trial["run_id"],
@@ -324,7 +297,7 @@ def export_rows(name: str, reports: Sequence[StageReport], every: bool) -> list[
     return rows
 
 
-def _final_val_loss(trial: dict[str, Any]) -> float | None:
+def _final_val_loss(trial: Mapping[str, Any]) -> float | None:
     """The trial's last validation loss from its result.json, when it is on this machine."""
     if not trial.get("out_dir"):
         return None
@@ -377,5 +350,5 @@ def _cell(value: Any) -> Any:
 # Formatting
 
 
-def _brief(trial: dict[str, Any]) -> dict[str, Any]:
+def _brief(trial: Mapping[str, Any]) -> dict[str, Any]:
     return {key: trial.get(key) for key in BRIEF_KEYS}

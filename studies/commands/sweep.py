@@ -23,13 +23,14 @@ from collections import Counter
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from studies.backends import BACKENDS
 from studies.commands import output
 
 if TYPE_CHECKING:
     from rich.progress import Progress, TaskID
 
     from studies.config import ParamSpec, StageSpec
-    from studies.sweep import StageCounts, StageReport
+    from studies.records import StageCounts, StageReport
 
 EXIT_NO_RESULT = 1
 # complete trials per searched parameter below which the importances are only a hint (a forest
@@ -50,7 +51,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "stages.coarse.trials=8 space.optimizer.lr.high=1e-2 overrides.model.n_layer=4)",
     )
     parser.add_argument(
-        "--backend", choices=("optuna", "ray"), help="search backend (default: the study's)"
+        "--backend", choices=tuple(BACKENDS), help="search backend (default: the study's)"
     )
     parser.add_argument(
         "--storage",

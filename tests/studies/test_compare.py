@@ -82,7 +82,7 @@ def test_each_arm_runs_the_study_and_the_best_of_each_is_compared(
         # same stages for every arm: the same number of trials and of trial-steps
         assert row["n_trials"] == 5 and row["trial_steps"] == 5 * 12
     # the best of an arm is its best trial of any stage with the final budget (both: 12 steps)
-    from studies.optuna_backend import load_stage_reports
+    from studies.backends.optuna import load_stage_reports
 
     for row in summary["arms"]:
         reports = load_stage_reports(row["study"], str(runs / row["study"] / "optuna.journal"))

@@ -155,7 +155,7 @@ def test_local_store_parent_children_and_artifacts(tmp_path: Path) -> None:
         {"number": 2, "stage": "coarse", "state": "failed", "value": None, "params": failed_params},
     ]
     out = runs_dir / "mlflowtest"
-    result = tracker.finish(None, trials=trials, best_config_yaml=best_yaml, out_dir=out)
+    result = tracker.finish(trials=trials, best_config_yaml=best_yaml, out_dir=out)
 
     client = MlflowClient(tracking_uri=uri)
     kids = children(client, parent)
@@ -326,7 +326,6 @@ def test_mlflow_server_over_http(tmp_path: Path) -> None:
             {"number": 0, "stage": "coarse", "state": "complete", "value": value, "params": params}
         ]
         tracker.finish(
-            None,
             trials=trials,
             best_config_yaml=config_file.read_text(),
             out_dir=tmp_path / "runs" / "mlflowtest",
@@ -377,7 +376,7 @@ def test_unreachable_server_mid_sweep_warns_once_and_the_study_goes_on(
     assert tracker.parent_run_id is None
     tracker.record_trial(TrialOutcome("failed", None, "x", 0), number=0, stage="coarse", params={})
     trials = [{"number": 0, "state": "complete", "value": 1.0, "params": {"optimizer.lr": 1e-3}}]
-    result = tracker.finish(None, trials=trials, best_config_yaml="", out_dir=tmp_path / "out")
+    result = tracker.finish(trials=trials, best_config_yaml="", out_dir=tmp_path / "out")
     assert result["parent_run_id"] is None and result["best_config"] is None
     assert (tmp_path / "out" / "importances.json").exists()
     warnings = [line for line in capsys.readouterr().err.splitlines() if "tracking:" in line]

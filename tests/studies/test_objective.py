@@ -109,7 +109,7 @@ def test_out_of_memory_is_failed_with_that_reason(
 
 
 def test_a_diverging_loss_is_failed_with_the_step(tmp_path: Path) -> None:
-    outcome = trial(tiny_study(tmp_path), tmp_path, lr=1e3)
+    outcome = trial(tiny_study(tmp_path), tmp_path, lr=1e9)
     assert outcome.state == "failed" and outcome.value is None
     assert outcome.reason is not None
     assert outcome.reason.startswith("diverged: non-finite ")

@@ -22,17 +22,17 @@ import yaml
 from optuna.trial import TrialState
 from tiny_study import TINY_BASE
 
-from studies import optuna_backend
-from studies.config import StudyConfig, load_study, mask_password
-from studies.errors import StudyError
-from studies.objective import TrialOutcome, run_trial
-from studies.optuna_backend import (
+from studies.backends import optuna as optuna_backend
+from studies.backends.optuna import (
     fail_interrupted_trials,
     load_stage_reports,
     open_storage,
     run_optuna,
     trial_record,
 )
+from studies.config import StudyConfig, load_study, mask_password
+from studies.errors import StudyError
+from studies.objective import TrialOutcome, run_trial
 from studies.sweep import run_sweep
 
 REPO = Path(__file__).resolve().parents[2]
@@ -154,7 +154,7 @@ def test_failures_are_recorded_and_the_study_goes_on(
             raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 8.00 GiB")
         if calls["n"] == 3:  # diverges: a huge learning rate
             config = config.model_copy(
-                update={"optimizer": config.optimizer.model_copy(update={"lr": 1e3})}
+                update={"optimizer": config.optimizer.model_copy(update={"lr": 1e9})}
             )
         return real_train(config, *args, **kwargs)
 

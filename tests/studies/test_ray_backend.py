@@ -23,11 +23,12 @@ import pandas as pd
 import pytest
 import yaml
 
+from studies.backends.ray.adapters import make_scheduler
+from studies.backends.ray.records import LOST_ERROR, NUMBER_KEY, TuneTrial, trial_record
+from studies.backends.ray.runner import check_ray_address, run_ray, trial_resources
 from studies.config import PrunerSpec, StudyConfig, load_study
 from studies.errors import StudyError
 from studies.objective import TrialOutcome, run_trial, trial_dir
-from studies.ray_backend import check_ray_address, make_scheduler, run_ray, trial_resources
-from studies.ray_records import LOST_ERROR, NUMBER_KEY, TuneTrial, trial_record
 
 REPO = Path(__file__).resolve().parents[2]
 HERE = Path(__file__).resolve().parent
@@ -115,12 +116,12 @@ def test_searcher_numbers_trials_and_tells_optuna_which_were_pruned() -> None:
     import optuna
     from optuna.trial import TrialState
 
+    from studies.backends.ray.adapters import tune_classes
     from studies.config import ParamSpec
-    from studies.ray_backend import _tune_classes
     from studies.space import optuna_define_by_run
 
     space = {"optimizer.lr": ParamSpec(low=1e-4, high=1e-1, log=True)}
-    searcher = _tune_classes().NumberedOptunaSearch(
+    searcher = tune_classes().NumberedOptunaSearch(
         space=optuna_define_by_run(space),
         metric="objective",
         mode="min",
@@ -396,7 +397,7 @@ from pathlib import Path
 
 from sleepy import sleepy_trial
 from studies.config import load_study
-from studies.ray_backend import run_ray
+from studies.backends.ray.runner import run_ray
 
 study = load_study(sys.argv[1])
 reports = run_ray(study, runs_dir=Path(sys.argv[2]), trial_fn=sleepy_trial)

@@ -24,10 +24,12 @@ from test_ray_backend import make_study
 from test_sweep_cli import write_study
 
 from planner.runs import load_runs
+from studies.backends.ray.adapters import make_scheduler
+from studies.backends.ray.pbt import CHECKPOINT_META, pbt_mutations
+from studies.backends.ray.records import META_FILE
+from studies.backends.ray.runner import run_ray
 from studies.cli import main
 from studies.config import ParamSpec, PrunerSpec
-from studies.ray_backend import CHECKPOINT_META, make_scheduler, pbt_mutations, run_ray
-from studies.ray_records import META_FILE
 from studies.sweep import StageReport
 from trainer.checkpoint import load_checkpoint
 from trainer.config import parse_config

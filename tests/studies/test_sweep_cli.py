@@ -292,7 +292,7 @@ def test_bad_input_is_one_line_and_exit_2_before_any_trial(
 def test_ray_backend_missing_is_a_clean_error(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setitem(sys.modules, "studies.ray_backend", None)
+    monkeypatch.setitem(sys.modules, "studies.backends.ray", None)
     code = main(["sweep", str(write_study(tmp_path)), "--backend", "ray"])
     assert code == 2
     assert capsys.readouterr().err.strip() == (
@@ -304,7 +304,7 @@ def test_ray_backend_missing_is_a_clean_error(
 def test_a_sweep_where_every_trial_diverges_ends_with_status_1(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    space = {"optimizer.lr": {"low": 1e3, "high": 1e4, "log": True}}
+    space = {"optimizer.lr": {"low": 1e8, "high": 1e9, "log": True}}
     path = write_study(tmp_path, space=space, stages=STUDY["stages"][:1])
     code = main(["sweep", str(path), "--json", "--runs-dir", str(tmp_path / "runs")])
     captured = capsys.readouterr()

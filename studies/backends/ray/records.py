@@ -4,11 +4,12 @@
   holds, whichever backend ran the trials.
 - The stage's settings, space, notes and, once it has finished, its trial records in
   ``scaleplan_stage.json`` beside the experiment (`read_meta`, `write_meta`), checked against
-  the study file when a stage is restored (`check_meta`, `check_saved_state`).
+  the study file when a stage is restored (`studies.stage_plan.check_resumed`,
+  `check_saved_state`).
 - Reading a study back from those files alone, without starting Ray (`load_stage_reports`:
   ``scaleplan study show|best|export``).
 
-`studies.ray_backend` runs the stages; neither Ray nor Tune is imported here (pyarrow reads
+`studies.backends.ray.runner` runs the stages; neither Ray nor Tune is imported here (pyarrow reads
 the files, local or on an object store).
 """
 
@@ -25,23 +26,22 @@ from typing import Any, NamedTuple
 from studies.config import ParamSpec, StudyConfig
 from studies.errors import StudyError
 from studies.objective import TrialOutcome, trial_dir, trial_run_id
+from studies.records import StageReport, TrialRecord
+from studies.records import trial_record as make_record
 from studies.space import active_params
-from studies.sweep import StageReport, count_trials
+from studies.stage_plan import stage_report
 
 __all__ = [
     "LOST_ERROR",
     "META_FILE",
     "NUMBER_KEY",
     "TuneTrial",
-    "check_meta",
     "check_saved_state",
     "finite",
     "load_stage_reports",
     "normal_storage",
     "one_line",
     "read_meta",
-    "space_from_json",
-    "space_to_json",
     "trial_outcome",
     "trial_record",
     "tune_trials",
@@ -70,7 +70,7 @@ def trial_record(
     space: Mapping[str, ParamSpec],
     runs_dir: Path,
     tune_trials: Mapping[str, TuneTrial] | None = None,
-) -> dict[str, Any]:
+) -> TrialRecord:
     """A Tune `Result` as the backend-independent record of `studies.sweep.StageReport`.
 
     Errored (a Ray-level failure): failed, with the error's type and first line; also when
@@ -109,24 +109,26 @@ def trial_record(
         state, steps = "pruned", last_step
         shown = f" ({study.objective.metric} {last_value:.4g})" if last_value is not None else ""
         reason = f"pruned at step {last_step}{shown}"
-    return {
-        "number": number,
-        "stage": stage,
-        "state": state,
-        "value": value,
-        "last_value": value if value is not None else last_value,
-        "params": params,
-        "reason": reason,
-        "steps": steps,
-        "tokens": _int_or_none(metrics.get("tokens")) if "state" in metrics else None,
-        "params_count": _int_or_none(metrics.get("params_count")) if "state" in metrics else None,
-        "out_dir": out_dir,
-        "run_id": str(metrics.get("run_id") or "") or trial_run_id(Path(out_dir)),
-        "intermediate": intermediate,
-        "started": _started(result),
-        "tune_trial_id": str(metrics.get("trial_id") or "") or None,
-        "continued_from": str(metrics.get("continued_from") or "") or None,
-    }
+    done = "state" in metrics
+    return make_record(
+        number=number,
+        stage=stage,
+        state=state,  # type: ignore[arg-type]
+        value=value,
+        params=params,
+        intermediate=intermediate,
+        reason=reason,
+        budget=_stage_budget(study, stage),
+        steps=steps,
+        tokens=_int_or_none(metrics.get("tokens")) if done else None,
+        flops=_float_or_none(metrics.get("flops")) if done else None,
+        seconds=_float_or_none(metrics.get("seconds")) if done else None,
+        params_count=_int_or_none(metrics.get("params_count")) if done else None,
+        out_dir=out_dir,
+        run_id=str(metrics.get("run_id") or "") or trial_run_id(Path(out_dir)),
+        continued_from=str(metrics.get("continued_from") or "") or None,
+        started=_started(result),
+    )
 
 
 class TuneTrial(NamedTuple):
@@ -200,33 +202,6 @@ def _error_reason(error: BaseException) -> str:
 # The stage's settings beside its experiment
 
 
-def space_to_json(space: Mapping[str, ParamSpec]) -> dict[str, Any]:
-    return {n: s.model_dump(mode="json", exclude_defaults=True) for n, s in space.items()}
-
-
-def space_from_json(raw: Mapping[str, Any]) -> dict[str, ParamSpec]:
-    return {name: ParamSpec.model_validate(spec) for name, spec in raw.items()}
-
-
-def check_meta(
-    study: StudyConfig, index: int, meta: Mapping[str, Any], steps: int, path: str
-) -> None:
-    """A restored stage must be the one the study file describes now."""
-    stage = study.stages[index]
-    if index == 0 and space_from_json(meta.get("space") or {}) != study.space:
-        raise StudyError(
-            f"space: differs from the one study '{study.name}' was started with in {path}; "
-            "give the study another name or storage"
-        )
-    for field, now in (("budget", steps), ("trials", stage.trials)):
-        key = "budget_steps" if field == "budget" else field
-        if meta.get(key) != now:
-            raise StudyError(
-                f"stages.{stage.name}.{field}: {now}, but the stage was started with "
-                f"{meta.get(key)} in {path}; give the study another name or storage"
-            )
-
-
 def check_saved_state(path: str) -> None:
     """The newest saved experiment and searcher state must load, else Tune's restore would
     fail half-way (and hang); a StudyError says which stage folder to remove instead."""
@@ -294,7 +269,7 @@ def load_stage_reports(name: str, storage: str) -> list[StageReport]:
     """The stages of study `name` in a Ray storage (a folder or URI; the default is
     runs/<name>/ray), in order, from the ``scaleplan_stage.json`` beside each experiment; no
     Ray is started. A stage that has not finished (its sweep is running, or was stopped) has
-    no trial records yet: it comes back with none. Each report's `source` is that meta."""
+    no trial records yet: it comes back with none. Each report's `meta` is that file."""
     import pyarrow.fs
 
     storage = normal_storage(storage)
@@ -315,29 +290,16 @@ def load_stage_reports(name: str, storage: str) -> list[StageReport]:
     reports = []
     for meta in found:
         trials = [_record_from_json(record) for record in meta.get("trial_records") or []]
-        direction = str(meta.get("direction") or "minimize")
-        reports.append(
-            StageReport(
-                name=str(meta.get("stage")),
-                index=int(meta.get("index", 0)),
-                sampler=str(meta.get("sampler")),
-                pruner=str(meta.get("pruner")),
-                budget_steps=int(meta.get("budget_steps") or 0),
-                space=space_from_json(meta.get("space") or {}),
-                notes=list(meta.get("notes") or []),
-                counts=count_trials(trials, int(meta.get("trials") or 0), direction),
-                trials=trials,
-                source=meta,
-            )
-        )
+        reports.append(stage_report(meta, trials))
     return reports
 
 
-def _record_from_json(record: Mapping[str, Any]) -> dict[str, Any]:
+def _record_from_json(record: Mapping[str, Any]) -> TrialRecord:
     """A trial record as `trial_record` made it (JSON turned its (step, value) pairs into
-    lists)."""
-    points = record.get("intermediate") or []
-    return {**record, "intermediate": [(int(step), float(value)) for step, value in points]}
+    lists); keys an older file lacks get their defaults."""
+    known = {key: record[key] for key in TrialRecord.__annotations__ if key in record}
+    known.pop("last_value", None)
+    return make_record(**known)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -358,8 +320,17 @@ def _plain(value: Any) -> Any:
     return value.item() if hasattr(value, "item") else str(value)
 
 
+def _stage_budget(study: StudyConfig, stage: str) -> dict[str, Any] | None:
+    spec = next((s for s in study.stages if s.name == stage), None)
+    return spec.budget.as_written() if spec is not None else None
+
+
 def _int_or_none(value: Any) -> int | None:
     return int(value) if finite(value) else None
+
+
+def _float_or_none(value: Any) -> float | None:
+    return float(value) if finite(value) else None
 
 
 def one_line(error: BaseException, limit: int = 300) -> str:

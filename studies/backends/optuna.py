@@ -58,16 +58,23 @@ from typing import TYPE_CHECKING, Any
 
 from studies.config import (
     Direction,
-    ParamSpec,
     StageSpec,
     StudyConfig,
-    budget_steps,
     mask_password,
-    trial_config,
 )
 from studies.errors import StudyError
-from studies.objective import TrialOutcome, run_trial, trial_dir, trial_run_id
-from studies.sweep import NullView, StageCounts, StageReport, SweepView, count_trials
+from studies.objective import TrialOutcome, trial_dir, trial_run_id
+from studies.objectives import call_trial
+from studies.records import (
+    NullView,
+    StageCounts,
+    StageReport,
+    SweepView,
+    TrialRecord,
+    count_trials,
+)
+from studies.records import trial_record as make_record
+from studies.stage_plan import StagePlan, plan_stage, stage_report
 
 if TYPE_CHECKING:
     import optuna
@@ -240,12 +247,12 @@ def study_exists(study: StudyConfig, runs_dir: str | Path = "runs") -> bool:
 # Trials as records, counting, interrupted trials
 
 
-def trial_record(trial: FrozenTrial, stage: str) -> dict[str, Any]:
-    """A trial as the backend-independent record of `studies.sweep.StageReport`."""
+def trial_record(trial: FrozenTrial, stage: str) -> TrialRecord:
+    """An Optuna trial as the backend-independent `studies.records.TrialRecord`."""
     from optuna.trial import TrialState
 
     attrs = trial.user_attrs
-    state = {
+    state: Any = {
         TrialState.COMPLETE: "complete",
         TrialState.PRUNED: "pruned",
         TrialState.RUNNING: "running",
@@ -255,27 +262,27 @@ def trial_record(trial: FrozenTrial, stage: str) -> dict[str, Any]:
     if trial.state == TrialState.FAIL and (reason is None or attrs.get("retried")):
         state = INTERRUPTED
         reason = reason or INTERRUPTED
-    intermediate = sorted(trial.intermediate_values.items())
-    last = intermediate[-1][1] if intermediate else None
-    value = trial.value if state == "complete" else None
-    return {
-        "number": trial.number,
-        "stage": stage,
-        "state": state,
-        "value": value,
-        "last_value": value if value is not None else last,
-        "params": dict(trial.params),
-        "reason": reason,
-        "steps": attrs.get("steps"),
-        "tokens": attrs.get("tokens"),
-        "params_count": attrs.get("params_count"),
-        "out_dir": attrs.get("out_dir"),
-        "run_id": attrs.get("run_id"),
-        "started": trial.datetime_start.isoformat() if trial.datetime_start else None,
-    }
+    return make_record(
+        number=trial.number,
+        stage=stage,
+        state=state,
+        value=trial.value if state == "complete" else None,
+        params=trial.params,
+        intermediate=sorted(trial.intermediate_values.items()),
+        reason=reason,
+        budget=attrs.get("budget"),
+        steps=attrs.get("steps"),
+        tokens=attrs.get("tokens"),
+        flops=attrs.get("flops"),
+        seconds=attrs.get("seconds"),
+        params_count=attrs.get("params_count"),
+        out_dir=attrs.get("out_dir"),
+        run_id=attrs.get("run_id"),
+        started=trial.datetime_start.isoformat() if trial.datetime_start else None,
+    )
 
 
-def _stage_records(ostudy: optuna.Study, stage: str) -> list[dict[str, Any]]:
+def _stage_records(ostudy: optuna.Study, stage: str) -> list[TrialRecord]:
     return [trial_record(t, stage) for t in ostudy.get_trials(deepcopy=False)]
 
 
@@ -371,158 +378,78 @@ class _Stage:
     """What a worker needs to run trials of one stage (picklable, for spawned workers)."""
 
     study: StudyConfig
-    index: int
+    plan: StagePlan
     storage_url: str
     runs_dir: Path
     parent_run_id: str | None
-    trial_fn: TrialFn
+    trial_fn: TrialFn | None
     worker: int = 0
     n_workers: int = 1
 
     @property
     def spec(self) -> StageSpec:
-        return self.study.stages[self.index]
+        return self.plan.stage
 
     @property
     def optuna_name(self) -> str:
         return stage_study_name(self.study.name, self.spec.name)
 
 
-def _space_to_attr(space: dict[str, ParamSpec]) -> dict[str, Any]:
-    return {
-        name: spec.model_dump(mode="json", exclude_defaults=True) for name, spec in space.items()
-    }
-
-
-def _space_from_attr(raw: dict[str, Any]) -> dict[str, ParamSpec]:
-    return {name: ParamSpec.model_validate(spec) for name, spec in raw.items()}
-
-
-def _stage_steps(study: StudyConfig, stage: StageSpec) -> int:
-    return budget_steps(trial_config(study, {}, stage.budget), stage.budget)
-
-
-def _sampler(ctx: _Stage, space: dict[str, ParamSpec]) -> optuna.samplers.BaseSampler:
+def _sampler(ctx: _Stage) -> optuna.samplers.BaseSampler:
     from studies.stages import make_sampler
 
-    stage = ctx.spec
-    seed = ctx.study.seed + ctx.index
-    if stage.sampler != "sobol":  # Sobol workers must share the sequence; others must not
+    plan = ctx.plan
+    seed = plan.sampler_seed
+    if plan.stage.sampler != "sobol":  # Sobol workers must share the sequence; others must not
         seed += 7919 * ctx.worker
-    startup = None
-    if stage.sampler in ("tpe", "gp"):
-        # a fine stage is short: the model takes over after half of it (the warm starts)
-        startup = max(1, min(10, stage.trials // 2))
-    return make_sampler(stage.sampler, seed, space, startup_trials=startup)
+    return make_sampler(plan.stage.sampler, seed, plan.space, startup_trials=plan.startup_trials)
 
 
-def _load_stage(ctx: _Stage, storage: BaseStorage) -> tuple[optuna.Study, dict[str, ParamSpec]]:
+def _load_stage(ctx: _Stage, storage: BaseStorage) -> optuna.Study:
     import optuna
 
     ostudy = optuna.load_study(study_name=ctx.optuna_name, storage=storage)
-    meta = ostudy.user_attrs.get(STAGE_ATTR) or {}
-    space = _space_from_attr(meta.get("space") or {}) or dict(ctx.study.space)
-    _configure(ctx, ostudy, space)
-    return ostudy, space
+    _configure(ctx, ostudy)
+    return ostudy
 
 
-def _configure(ctx: _Stage, ostudy: optuna.Study, space: dict[str, ParamSpec]) -> None:
+def _configure(ctx: _Stage, ostudy: optuna.Study) -> None:
     """This process's sampler and pruner for the stage (Optuna keeps neither in storage)."""
     from studies.stages import make_pruner
 
-    meta = ostudy.user_attrs.get(STAGE_ATTR) or {}
-    ostudy.sampler = _sampler(ctx, space)
-    ostudy.pruner = make_pruner(ctx.spec.pruner, max_resource=meta.get("budget_steps"))
+    ostudy.sampler = _sampler(ctx)
+    ostudy.pruner = make_pruner(ctx.spec.pruner, max_resource=ctx.plan.budget_steps or None)
 
 
 def _open_stage(
-    ctx: _Stage, storage: BaseStorage, previous: StageReport | None, direction: Direction
-) -> tuple[optuna.Study, dict[str, ParamSpec], list[str]]:
-    """The stage's Optuna study: created with its (narrowed) space and warm starts the first
-    time, loaded as it is afterwards."""
+    study: StudyConfig,
+    index: int,
+    url: str,
+    storage: BaseStorage,
+    previous: StageReport | None,
+    direction: Direction,
+) -> tuple[optuna.Study, StagePlan]:
+    """The stage's Optuna study and plan: created with its (narrowed) space and warm starts
+    the first time, loaded as it is afterwards."""
     import optuna
 
-    from studies.config import space_limits
-    from studies.stages import narrow_space
-
-    stage, study = ctx.spec, ctx.study
     ostudy = optuna.create_study(
-        study_name=ctx.optuna_name,
+        study_name=stage_study_name(study.name, study.stages[index].name),
         storage=storage,
         direction=direction,
         load_if_exists=True,
     )
-    meta = ostudy.user_attrs.get(STAGE_ATTR)
-    steps = _stage_steps(study, stage)
-    if meta is not None:
-        space = _space_from_attr(meta["space"])
-        if ctx.index == 0 and space != study.space:
-            raise StudyError(
-                f"space: differs from the one study '{study.name}' was started with in "
-                f"{mask_password(ctx.storage_url)}; give the study another name or storage"
-            )
-        if meta.get("budget_steps") != steps:
-            raise StudyError(
-                f"stages.{stage.name}.budget: {steps} steps, but the stage was started with "
-                f"{meta.get('budget_steps')} in {mask_password(ctx.storage_url)}; give the study "
-                "another name or storage"
-            )
-        return ostudy, space, list(meta.get("notes") or [])
-
-    warm: list[dict[str, Any]] = []
-    notes: list[str] = []
-    if previous is None:
-        space = dict(study.space)
-    elif stage.narrow is None:
-        space = dict(previous.space)
-        notes = [f"space of stage {previous.name} kept"]
-    else:
-        scored = [(t["params"], t["value"]) for t in previous.trials]
-        space, warm, notes = narrow_space(
-            previous.space, scored, stage.narrow, direction, space_limits(study)
-        )
-        warm = warm[: stage.trials]
-    ostudy.set_user_attr(
-        STAGE_ATTR,
-        {
-            "index": ctx.index,
-            "stage": stage.name,
-            "study": study.name,
-            "sampler": stage.sampler,
-            "pruner": stage.pruner.name,
-            "trials": stage.trials,
-            "budget_steps": steps,
-            "metric": study.objective.metric,
-            "direction": direction,
-            "space": _space_to_attr(space),
-            "notes": notes,
-            "warm_starts": warm,
-        },
-    )
-    for params in warm:
-        ostudy.enqueue_trial(params, user_attrs={"warm_start": True}, skip_if_exists=True)
-    return ostudy, space, notes
+    stored = ostudy.user_attrs.get(STAGE_ATTR)
+    plan = plan_stage(study, index, previous, stored, where=mask_password(url))
+    if not plan.resumed:
+        ostudy.set_user_attr(STAGE_ATTR, plan.meta)
+        for params in plan.warm_starts:
+            ostudy.enqueue_trial(params, user_attrs={"warm_start": True}, skip_if_exists=True)
+    return ostudy, plan
 
 
-def _stage_report(
-    ostudy: optuna.Study, ctx: _Stage, space: dict[str, ParamSpec], notes: list[str]
-) -> StageReport:
-    stage = ctx.spec
-    trials = _stage_records(ostudy, stage.name)
-    direction = ctx.study.objective.direction or "minimize"
-    meta = ostudy.user_attrs.get(STAGE_ATTR) or {}
-    return StageReport(
-        name=stage.name,
-        index=ctx.index,
-        sampler=stage.sampler,
-        pruner=stage.pruner.name,
-        budget_steps=int(meta.get("budget_steps") or _stage_steps(ctx.study, stage)),
-        space=space,
-        notes=notes,
-        counts=count_trials(trials, stage.trials, direction),
-        trials=trials,
-        source=ostudy,
-    )
+def _stage_report(ostudy: optuna.Study, ctx: _Stage) -> StageReport:
+    return stage_report(ctx.plan.meta, _stage_records(ostudy, ctx.plan.stage.name))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -541,7 +468,8 @@ def run_optuna(
     """Run every stage of `study` on its Optuna storage (resuming what is there already).
 
     `workers` processes run trials at once (None: the study's ``workers``; 1: in this
-    process). `trial_fn` replaces `studies.objective.run_trial` (same signature).
+    process). `trial_fn` replaces the study's objective (`studies.objectives.run_objective`,
+    same signature).
     """
     import optuna
 
@@ -556,12 +484,12 @@ def run_optuna(
     reports: list[StageReport] = []
     previous: StageReport | None = None
     for index, stage in enumerate(study.stages):
-        ctx = _Stage(study, index, url, runs, parent_run_id, trial_fn or run_trial)
-        ostudy, space, notes = _open_stage(ctx, storage, previous, direction)
-        _configure(ctx, ostudy, space)
-        view.stage_started(stage, index, space, notes)
+        ostudy, plan = _open_stage(study, index, url, storage, previous, direction)
+        ctx = _Stage(study, plan, url, runs, parent_run_id, trial_fn)
+        _configure(ctx, ostudy)
+        view.stage_started(stage, index, plan.space, plan.notes)
         _run_stage(ctx, ostudy, n_workers, view, tracker)
-        report = _stage_report(ostudy, ctx, space, notes)
+        report = _stage_report(ostudy, ctx)
         view.stage_finished(report)
         reports.append(report)
         previous = report
@@ -641,8 +569,7 @@ def _work(
 
     from studies.space import suggest
 
-    space = _space_from_attr((ostudy.user_attrs.get(STAGE_ATTR) or {}).get("space") or {})
-    space = space or dict(ctx.study.space)
+    space = ctx.plan.space
     token = _process_token()
     target = ctx.spec.trials
     while True:
@@ -678,7 +605,7 @@ def _work(
                 steps=0,
                 out_dir=str(trial_dir(ctx.study, f"{ctx.spec.name}-{trial.number}", ctx.runs_dir)),
             )
-        _tell(ostudy, trial, outcome)
+        _tell(ctx, ostudy, trial, outcome)
         if tracker is not None:
             tracker.record_trial(outcome, number=trial.number, stage=ctx.spec.name, params=params)
         if on_trial is not None:
@@ -690,33 +617,30 @@ def _run_one(ctx: _Stage, trial: optuna.Trial, params: dict[str, Any]) -> TrialO
         trial.report(value, step)
         return trial.should_prune()
 
-    tags = {
-        "study": ctx.study.name,
-        "stage": ctx.spec.name,
-        "number": str(trial.number),
-        "scaleplan.kind": "trial",
-    }
-    return ctx.trial_fn(
+    return call_trial(
+        ctx.trial_fn,
         ctx.study,
         ctx.spec,
         params,
-        trial_id=f"{ctx.spec.name}-{trial.number}",
+        number=trial.number,
         report=report,
         parent_run_id=ctx.parent_run_id,
-        tags=tags,
         runs_dir=ctx.runs_dir,
     )
 
 
-def _tell(ostudy: optuna.Study, trial: optuna.Trial, outcome: TrialOutcome) -> None:
+def _tell(ctx: _Stage, ostudy: optuna.Study, trial: optuna.Trial, outcome: TrialOutcome) -> None:
     from optuna.trial import TrialState
 
     attrs: dict[str, Any] = {
         "steps": outcome.steps,
         "tokens": outcome.tokens,
+        "flops": outcome.flops,
+        "seconds": outcome.seconds,
         "params_count": outcome.params_count,
         "out_dir": outcome.out_dir,
         "run_id": outcome.run_id,
+        "budget": ctx.spec.budget.as_written(),
     }
     if outcome.reason is not None:
         attrs["reason"] = outcome.reason
@@ -826,7 +750,7 @@ def _worker_main(ctx: _Stage) -> None:
     _share_cores(ctx.n_workers)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     storage = open_storage(ctx.storage_url)
-    ostudy, _ = _load_stage(ctx, storage)
+    ostudy = _load_stage(ctx, storage)
     tracker = None
     if ctx.parent_run_id is not None:
         from studies.mlflow_study import StudyTracker
@@ -890,47 +814,42 @@ def load_stage_reports(name: str, storage_url: str) -> list[StageReport]:
         known = f"; studies there: {', '.join(names)}" if names else ""
         raise StudyError(f"study: no study '{name}' in {mask_password(storage_url)}{known}")
     reports = []
-    for index, ostudy, meta in sorted(found, key=lambda item: item[0]):
-        stage = str(meta.get("stage"))
-        trials = _stage_records(ostudy, stage)
-        direction = str(meta.get("direction") or "minimize")
-        reports.append(
-            StageReport(
-                name=stage,
-                index=index,
-                sampler=str(meta.get("sampler")),
-                pruner=str(meta.get("pruner")),
-                budget_steps=int(meta.get("budget_steps") or 0),
-                space=_space_from_attr(meta.get("space") or {}),
-                notes=list(meta.get("notes") or []),
-                counts=count_trials(trials, int(meta.get("trials") or 0), direction),
-                trials=trials,
-                source=ostudy,
-            )
-        )
+    for _, ostudy, meta in sorted(found, key=lambda item: item[0]):
+        reports.append(stage_report(meta, _stage_records(ostudy, str(meta.get("stage")))))
     return reports
-
-
-def stage_direction(report: StageReport) -> str:
-    return str(_stage_meta(report).get("direction") or "minimize")
-
-
-def stage_metric(report: StageReport) -> str:
-    return str(_stage_meta(report).get("metric") or "val_loss")
-
-
-def _stage_meta(report: StageReport) -> dict[str, Any]:
-    """A read-back stage's settings (metric, direction, ...), whichever backend ran it: an
-    Optuna stage keeps them in its study's user attrs; a Ray stage's report carries its
-    ``scaleplan_stage.json`` as `source` (`studies.ray_records.load_stage_reports`)."""
-    source = report.source
-    if isinstance(source, dict):
-        return source
-    meta = source.user_attrs.get(STAGE_ATTR) if source is not None else None
-    return meta if isinstance(meta, dict) else {}
 
 
 def _reason(error: BaseException) -> str:
     text = str(error).strip().splitlines()[0] if str(error).strip() else ""
     line = f"{type(error).__name__}: {text}" if text else type(error).__name__
     return line if len(line) <= 200 else line[:197] + "..."
+
+
+class OptunaBackend:
+    """The `studies.backends.Backend` on Optuna."""
+
+    name = "optuna"
+
+    def preflight(self, study: StudyConfig, runs_dir: Path, ray_address: str | None) -> None:
+        check_storage(study.resolved_storage(runs_dir))
+
+    def study_exists(self, study: StudyConfig, runs_dir: Path) -> bool:
+        return study_exists(study, runs_dir)
+
+    def run(
+        self,
+        study: StudyConfig,
+        *,
+        runs_dir: Path,
+        view: SweepView,
+        tracker: StudyTracker | None,
+        ray_address: str | None,
+        trial_fn: TrialFn | None,
+    ) -> list[StageReport]:
+        return run_optuna(study, runs_dir=runs_dir, view=view, tracker=tracker, trial_fn=trial_fn)
+
+    def load_reports(self, name: str, storage: str) -> list[StageReport]:
+        return load_stage_reports(name, storage)
+
+
+BACKEND = OptunaBackend()

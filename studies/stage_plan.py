@@ -1,0 +1,219 @@
+"""What each stage of a study is, decided once for every backend.
+
+`plan_stage` says, for stage `index`:
+
+- its space: the study's (the first stage), the stage before's unchanged (no ``narrow``), or
+  narrowed from the stage before's trial records (`studies.stages.narrow_space`, clipped to the
+  trainer's hard limits when the objective is the trainer);
+- the trials it starts from: the best earlier trials that lie inside the new space (warm starts,
+  at most the stage's trial count), measured again at this stage's budget;
+- its sampler's seed (the study's + the stage's index) and start-up trials (a fine stage is
+  short: TPE and GP take over after half of it, at most 10);
+- its pruner's resource: the steps a trial reports up to and its first report's step;
+- the settings its storage keeps (`StagePlan.meta`), so that a resumed sweep, every worker and
+  ``scaleplan study show`` use the same space; a stage resumed from storage must be the one the
+  study file describes now (`check_resumed`).
+
+The backends only translate a plan into their engine's calls.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from studies.config import Direction, ParamSpec, StageSpec, StudyConfig
+from studies.errors import StudyError
+
+if TYPE_CHECKING:
+    from studies.records import StageReport, TrialRecord
+
+__all__ = [
+    "StagePlan",
+    "check_resumed",
+    "plan_stage",
+    "space_from_json",
+    "space_to_json",
+    "stage_report",
+    "startup_trials",
+]
+
+MODEL_SAMPLERS = ("tpe", "gp")  # samplers whose start-up count the plan sets
+MAX_STARTUP_TRIALS = 10
+
+
+@dataclass(frozen=True)
+class StagePlan:
+    """One stage, ready for a backend to run."""
+
+    index: int
+    stage: StageSpec
+    space: dict[str, ParamSpec]
+    warm_starts: list[dict[str, Any]]
+    notes: list[str]
+    sampler_seed: int
+    startup_trials: int | None  # None: the sampler's own default
+    budget_steps: int  # the steps a trial reports up to (0: the objective cannot say)
+    first_eval_step: int
+    meta: dict[str, Any] = field(default_factory=dict)  # what the stage's storage keeps
+    resumed: bool = False  # read back from storage (else new: the backend stores `meta`)
+
+
+def startup_trials(stage: StageSpec) -> int | None:
+    """Random trials before TPE or GP take over: half the stage, 1 to 10."""
+    if stage.sampler not in MODEL_SAMPLERS:
+        return None
+    return max(1, min(MAX_STARTUP_TRIALS, stage.trials // 2))
+
+
+def plan_stage(
+    study: StudyConfig,
+    index: int,
+    previous: StageReport | None,
+    stored: Mapping[str, Any] | None = None,
+    *,
+    where: str = "",
+    fixed_trials: bool = False,
+) -> StagePlan:
+    """Stage `index` of `study`, after `previous` (None: the first stage).
+
+    `stored`: the settings the backend's storage already keeps for this stage (a resumed
+    sweep), checked against the study file (`where` names the storage in the message;
+    `fixed_trials`: the engine cannot change a started stage's trial count)."""
+    from studies.objectives import objective_for
+
+    stage = study.stages[index]
+    objective = objective_for(study)
+    steps, first_eval = objective.stage_steps(study, stage)
+    common: dict[str, Any] = {
+        "index": index,
+        "stage": stage,
+        "sampler_seed": study.seed + index,
+        "startup_trials": startup_trials(stage),
+        "budget_steps": steps,
+        "first_eval_step": first_eval,
+    }
+    if stored is not None:
+        check_resumed(study, index, stored, steps, where, fixed_trials=fixed_trials)
+        return StagePlan(
+            space=space_from_json(stored.get("space") or {}) or dict(study.space),
+            warm_starts=list(stored.get("warm_starts") or []),
+            notes=list(stored.get("notes") or []),
+            meta=dict(stored),
+            resumed=True,
+            **common,
+        )
+    space, warm, notes = _stage_space(study, index, previous)
+    direction = study.objective.direction or "minimize"
+    meta = {
+        "index": index,
+        "stage": stage.name,
+        "study": study.name,
+        "sampler": stage.sampler,
+        "pruner": stage.pruner.name,
+        "trials": stage.trials,
+        "budget_steps": steps,
+        "budget": stage.budget.as_written(),
+        "fidelity": objective.fidelity(study, stage),
+        "objective": objective.kind,
+        "callable": study.objective.callable,
+        "metric": study.objective.metric,
+        "direction": direction,
+        "space": space_to_json(space),
+        "notes": notes,
+        "warm_starts": warm,
+    }
+    return StagePlan(space=space, warm_starts=warm, notes=notes, meta=meta, **common)
+
+
+def _stage_space(
+    study: StudyConfig, index: int, previous: StageReport | None
+) -> tuple[dict[str, ParamSpec], list[dict[str, Any]], list[str]]:
+    """(space, warm starts, notes) of a stage started now."""
+    from studies.config import space_limits
+    from studies.stages import narrow_space
+
+    stage = study.stages[index]
+    if previous is None:
+        return dict(study.space), [], []
+    if stage.narrow is None:
+        return dict(previous.space), [], [f"space of stage {previous.name} kept"]
+    scored = [(t["params"], t["value"]) for t in previous.trials]
+    direction: Direction = study.objective.direction or "minimize"
+    limits = space_limits(study) if study.is_trainer else {}
+    space, warm, notes = narrow_space(previous.space, scored, stage.narrow, direction, limits)
+    return space, warm[: stage.trials], notes
+
+
+def check_resumed(
+    study: StudyConfig,
+    index: int,
+    stored: Mapping[str, Any],
+    steps: int,
+    where: str,
+    *,
+    fixed_trials: bool = False,
+) -> None:
+    """A stage resumed from storage must be the one the study file describes now: the same
+    objective, first space, budget (and trial count, where the engine cannot change it)."""
+    stage = study.stages[index]
+    if index == 0 and space_from_json(stored.get("space") or {}) != study.space:
+        raise StudyError(
+            f"space: differs from the one study '{study.name}' was started with in {where}; "
+            "give the study another name or storage"
+        )
+    if stored.get("callable") != study.objective.callable:
+        raise StudyError(
+            f"objective.callable: {study.objective.callable or 'none (the trainer)'}, but study "
+            f"'{study.name}' was started with {stored.get('callable') or 'the trainer'} in "
+            f"{where}; give the study another name or storage"
+        )
+    budget = stage.budget.as_written()
+    was = stored.get("budget", budget)
+    if stored.get("budget_steps") != steps or was != budget:
+        raise StudyError(
+            f"stages.{stage.name}.budget: {_budget_text(budget, steps)}, but the stage was "
+            f"started with {_budget_text(was, stored.get('budget_steps'))} in {where}; give the "
+            "study another name or storage"
+        )
+    if fixed_trials and stored.get("trials") != stage.trials:
+        raise StudyError(
+            f"stages.{stage.name}.trials: {stage.trials}, but the stage was started with "
+            f"{stored.get('trials')} in {where}; give the study another name or storage"
+        )
+
+
+def _budget_text(budget: Any, steps: Any) -> str:
+    """``{'tokens': 800000} (390 steps)``; the steps alone when the budget says only that."""
+    if budget == {"steps": steps}:
+        return f"{steps} steps"
+    return f"{budget} ({steps} steps)" if steps else str(budget)
+
+
+def stage_report(meta: Mapping[str, Any], trials: list[TrialRecord]) -> StageReport:
+    """A stage's report from the settings its storage keeps (`StagePlan.meta`) and its trial
+    records: how every backend reports a stage it ran or reads back."""
+    from studies.records import StageReport, count_trials
+
+    direction = str(meta.get("direction") or "minimize")
+    return StageReport(
+        name=str(meta.get("stage")),
+        index=int(meta.get("index", 0)),
+        sampler=str(meta.get("sampler")),
+        pruner=str(meta.get("pruner")),
+        budget_steps=int(meta.get("budget_steps") or 0),
+        space=space_from_json(meta.get("space") or {}),
+        notes=list(meta.get("notes") or []),
+        counts=count_trials(trials, int(meta.get("trials") or 0), direction),
+        trials=trials,
+        meta=dict(meta),
+    )
+
+
+def space_to_json(space: Mapping[str, ParamSpec]) -> dict[str, Any]:
+    return {n: s.model_dump(mode="json", exclude_defaults=True) for n, s in space.items()}
+
+
+def space_from_json(raw: Mapping[str, Any]) -> dict[str, ParamSpec]:
+    return {name: ParamSpec.model_validate(spec) for name, spec in raw.items()}
