@@ -74,6 +74,7 @@ __all__ = [
     "budget_steps",
     "check_trainer_keys",
     "condition_order",
+    "declared_limits",
     "load_study",
     "validate_study",
     "space_limits",
@@ -224,9 +225,9 @@ class ParamSpec(BaseModel):
 
 
 class BudgetSpec(BaseModel):
-    """How long each trial of a stage trains: optimiser steps, or tokens converted to steps
-    (the trainer objective). A callable objective gets the mapping as written, whatever its
-    keys (``{epochs: 12}``, ``{fidelity: 0.25}``)."""
+    """How long each trial of a stage trains: optimiser steps, or tokens or training FLOPs
+    converted to steps (the trainer objective). A callable objective gets the mapping as
+    written, whatever its keys (``{epochs: 12}``, ``{fidelity: 0.25}``)."""
 
     model_config = ConfigDict(extra="allow")
 
@@ -236,6 +237,12 @@ class BudgetSpec(BaseModel):
         ge=1,
         description="Tokens per trial (examples for classifiers); steps = tokens // tokens per "
         "step (batch_size x block_size x grad_accum_steps).",
+    )
+    flops: float | None = Field(
+        default=None,
+        gt=0,
+        description="Training FLOPs per trial; steps = flops // the trial's FLOPs per step "
+        "(the trainer's own count: flops_per_token x tokens per step).",
     )
 
     @model_validator(mode="before")
@@ -248,13 +255,13 @@ class BudgetSpec(BaseModel):
         return self.model_dump(mode="json", exclude_none=True)
 
     def check_for_trainer(self) -> None:
-        """The trainer objective knows steps and tokens, exactly one of them."""
+        """The trainer objective knows steps, tokens and FLOPs, exactly one of them."""
         for key in self.model_extra or {}:
             raise ValueError(
-                f"{key}: not a budget the trainer objective knows; use steps or tokens"
+                f"{key}: not a budget the trainer objective knows; use steps, tokens or flops"
             )
-        if (self.steps is None) == (self.tokens is None):
-            raise ValueError("steps: set exactly one of steps and tokens")
+        if [self.steps, self.tokens, self.flops].count(None) != 2:
+            raise ValueError("steps: set exactly one of steps, tokens and flops")
 
 
 class PrunerSpec(BaseModel):
@@ -366,7 +373,8 @@ class NarrowSpec(BaseModel):
 
 
 class StageSpec(BaseModel):
-    """One stage of a sweep: a sampler, a number of trials, a per-trial budget, a pruner."""
+    """One stage of a sweep: a sampler, a number of trials, a per-trial budget, a pruner, and
+    optionally the trainer settings its trials change (a proxy stage)."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -375,7 +383,15 @@ class StageSpec(BaseModel):
         description="sobol or random (coarse: space-filling); tpe, gp or cmaes (fine: model-based)."
     )
     trials: int = Field(ge=1, description="Trials in this stage (pruned ones included).")
-    budget: BudgetSpec = Field(description="Per-trial budget: {steps: N} or {tokens: N}.")
+    budget: BudgetSpec = Field(
+        description="Per-trial budget: {steps: N}, {tokens: N} or {flops: X} (the trainer); "
+        "any mapping (a callable objective)."
+    )
+    overrides: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Dotted trainer keys -> values applied on top of the study's overrides for "
+        "this stage's trials only (e.g. model.d_model: 64): a cheaper proxy of the target.",
+    )
     pruner: PrunerSpec = Field(
         default_factory=PrunerSpec, description="Pruner: a name, or a mapping with its knobs."
     )
@@ -562,6 +578,13 @@ class StudyConfig(BaseModel):
                     f"{', '.join(pruners[:-1])} or {pruners[-1]}"
                 )
         self._check_objective()
+        for stage in self.stages:
+            for key in stage.overrides:
+                if key in self.space:
+                    raise StudyError(
+                        f"stages.{stage.name}.overrides.{key}: {key} is searched (space.{key}); "
+                        "a key is either searched or overridden, not both"
+                    )
         _check_conditions(self.space)
         condition_order(self.space)
         _check_location("storage", self.storage, _storage_schemes(self.backend))
@@ -593,6 +616,12 @@ class StudyConfig(BaseModel):
                 f"('{self.objective.callable}'); remove overrides"
             )
         for stage in self.stages:
+            if stage.overrides:
+                raise StudyError(
+                    f"stages.{stage.name}.overrides: trainer config keys, but the objective is "
+                    f"a callable ('{self.objective.callable}'); give the stage's fidelity in "
+                    "its budget, which the callable gets"
+                )
             if not stage.budget.as_written():
                 raise StudyError(f"stages.{stage.name}.budget: empty; the callable gets it")
             if stage.pruner.name == "pbt":
@@ -818,6 +847,8 @@ def _apply_study_override(raw: dict[str, Any], item: str) -> None:
             raise StudyError(f"--set {key}: no stage '{rest[0]}'; stages: {known} (or an index)")
         if len(rest) == 1:
             stages[index] = value
+        elif rest[1] == "overrides" and len(rest) > 2:  # its keys are dotted trainer keys
+            _set_nested(stages[index], ["overrides", ".".join(rest[2:])], value, key)
         else:
             _set_nested(stages[index], rest[1:], value, key)
     else:
@@ -1031,6 +1062,14 @@ def space_limits(study: StudyConfig) -> dict[str, Limits]:
     return limits
 
 
+def declared_limits(space: Mapping[str, ParamSpec]) -> dict[str, Limits]:
+    """Each numeric parameter's range as declared: a callable objective's domain, which a
+    narrowed stage may widen towards but never leave."""
+    return {
+        name: Limits(*spec.bounds) for name, spec in space.items() if spec.type != "categorical"
+    }
+
+
 def _with_values(raw: dict[str, Any], values: Mapping[str, Any], field: str) -> dict[str, Any]:
     """`raw` with dotted keys set through the trainer's own override mechanism; a numeric last
     segment replaces one element of the tuple or list already there."""
@@ -1060,17 +1099,25 @@ def _with_values(raw: dict[str, Any], values: Mapping[str, Any], field: str) -> 
     return apply_overrides(result, items_text)
 
 
-def _resolved_raw(study: StudyConfig, params: Mapping[str, Any]) -> dict[str, Any]:
-    """Base + study overrides + `params`, as a raw dict (not validated yet)."""
+def _resolved_raw(
+    study: StudyConfig, params: Mapping[str, Any], stage: StageSpec | None = None
+) -> dict[str, Any]:
+    """Base + study overrides + `stage`'s overrides + `params`, as a raw dict (not validated
+    yet)."""
     from trainer.errors import ConfigError
 
+    field = "overrides"
     try:
-        raw = _with_values(study.base_raw(), study.overrides, "overrides")
-        return _with_values(raw, params, "space") if params else raw
+        raw = _with_values(study.base_raw(), study.overrides, field)
+        if stage is not None and stage.overrides:
+            field = f"stages.{stage.name}.overrides"
+            raw = _with_values(raw, stage.overrides, field)
+        field = "space"
+        return _with_values(raw, params, field) if params else raw
     except StudyError:
         raise
     except ConfigError as error:
-        raise StudyError(f"{'space' if params else 'overrides'}: {error}") from None
+        raise StudyError(f"{field}: {error}") from None
 
 
 def check_trainer_keys(study: StudyConfig) -> None:
@@ -1110,8 +1157,15 @@ def check_trainer_keys(study: StudyConfig) -> None:
                     f"space.{name}: {value!r} is not a valid trainer value ({error})"
                 ) from None
     for stage in study.stages:
+        field = f"stages.{stage.name}.overrides"
+        for key in stage.overrides:
+            _check_key(tree, key, f"{field}.{key}")
         try:
-            budget_steps(parse_config(_resolved_raw(study, {})), stage.budget)
+            config = parse_config(_resolved_raw(study, {}, stage))
+        except ConfigError as error:
+            raise StudyError(f"{field}: with base {base_name}: {error}") from None
+        try:
+            budget_steps(config, stage.budget)
         except StudyError as error:
             raise StudyError(f"stages.{stage.name}.budget.{error}") from None
 
@@ -1142,28 +1196,38 @@ def budget_steps(config: TrainConfig, budget: BudgetSpec) -> int:
     """Optimiser steps a budget buys under `config`."""
     if budget.steps is not None:
         return budget.steps
-    assert budget.tokens is not None
-    per_step = tokens_per_step(config)
-    if budget.tokens < per_step:
+    if budget.tokens is not None:
+        per_step: float = tokens_per_step(config)
+        key, value, unit = "tokens", float(budget.tokens), "tokens"
+    else:
+        from trainer.rundir import flops_per_step
+
+        assert budget.flops is not None
+        per_step = flops_per_step(config)
+        key, value, unit = "flops", budget.flops, "FLOPs"
+    if value < per_step:
         raise StudyError(
-            f"tokens: {budget.tokens} is less than one step ({per_step} tokens per step); "
+            f"{key}: {value:.4g} is less than one step ({per_step:.4g} {unit} per step); "
             "raise it or use steps"
         )
-    return budget.tokens // per_step
+    return int(value // per_step)
 
 
-def trial_config(study: StudyConfig, params: Mapping[str, Any], budget: BudgetSpec) -> TrainConfig:
-    """The TrainConfig of one trial: base + overrides + sampled `params` + the stage's budget.
+def trial_config(study: StudyConfig, params: Mapping[str, Any], stage: StageSpec) -> TrainConfig:
+    """The TrainConfig of one trial of `stage`: base + study overrides + the stage's overrides
+    + sampled `params` + the stage's budget.
 
-    Steps come from the budget (tokens divided by the trial's own tokens per step, so a searched
-    batch size changes them). The study's tracking URI, when set, goes to `tracking`. The seed
-    stays the base config's: every trial sees the same data order and initialisation.
+    Steps come from the budget (tokens or FLOPs divided by the trial's own tokens or FLOPs per
+    step, so a searched batch or model size changes them). The study's tracking URI, when set,
+    goes to `tracking`. The seed stays the base config's: every trial sees the same data order
+    and initialisation.
     """
     from trainer.config import parse_config
     from trainer.errors import ConfigError
 
+    budget = stage.budget
     try:
-        config = parse_config(_resolved_raw(study, params))
+        config = parse_config(_resolved_raw(study, params, stage))
     except StudyError:
         raise
     except ConfigError as error:

@@ -178,13 +178,16 @@ class StudyTracker:
         best_config_yaml: str,
         out_dir: Path,
         status: str = "FINISHED",
+        costs: Mapping[str, Mapping[str, float | None]] | None = None,
     ) -> dict[str, Any]:
         """Write the study's artifacts under `out_dir`, log them on the parent, end the parent.
 
         Files: ``best_config.yaml`` (ready for ``scaleplan train``; not written when
         `best_config_yaml` is empty), ``importances.json`` (fANOVA), ``plots/<name>.png`` and
         ``plots/<name>.html``, all from the `trials` records (`studies.records.TrialRecord`) of
-        one stage, over that stage's `space` (None: the study's).
+        one stage, over that stage's `space` (None: the study's). `costs`: stage name ->
+        ``{"flops", "flops_per_trial", "seconds"}``, logged on the parent as
+        ``cost/<stage>/<key>`` with the study's totals as ``cost/flops`` and ``cost/seconds``.
 
         Returns ``{"plots": [paths], "importances": {...}, "best_config": path | None,
         "notes": [...], "parent_run_id": ..., "experiment": ...}``.
@@ -216,7 +219,9 @@ class StudyTracker:
 
         if self.active:
             try:
-                self._log_study(source, importances, [importances_path, best_config], plots)
+                self._log_study(
+                    source, importances, [importances_path, best_config], plots, costs or {}
+                )
                 retry_locked(self._client.set_terminated, self.parent_run_id, status)
             except Exception as error:
                 self._disable(_reason(error))
@@ -400,6 +405,7 @@ class StudyTracker:
         importances: Mapping[str, float],
         files: Sequence[Path | None],
         plots: Sequence[Path],
+        costs: Mapping[str, Mapping[str, float | None]],
     ) -> None:
         from mlflow.entities import Metric, RunTag
         from optuna.trial import TrialState
@@ -415,6 +421,14 @@ class StudyTracker:
         now = int(time.time() * 1000)
         metrics = [Metric(key, float(value), now, 0) for key, value in counts.items()]
         metrics += [Metric(f"importance/{k}", float(v), now, 0) for k, v in importances.items()]
+        totals: dict[str, float] = {}
+        for stage, cost in costs.items():
+            for key, value in cost.items():
+                if value is not None and _finite(value):
+                    metrics.append(Metric(f"cost/{stage}/{key}", float(value), now, 0))
+                    if key in ("flops", "seconds"):
+                        totals[key] = totals.get(key, 0.0) + float(value)
+        metrics += [Metric(f"cost/{key}", value, now, 0) for key, value in totals.items()]
         tags: list[Any] = []
         if counts["n_complete"]:
             best = source.best_trial

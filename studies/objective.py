@@ -104,7 +104,7 @@ def run_trial(
         from studies.config import trial_config
         from trainer.loop import train
 
-        config = _with_study_tracking(study, trial_config(study, params, stage.budget))
+        config = _with_study_tracking(study, trial_config(study, params, stage))
         if out_dir.exists() and not resume:  # an earlier attempt's: the id is this trial's now
             shutil.rmtree(out_dir)
         callback = _Reporter(metric, report, intermediate, config.steps)
@@ -183,6 +183,8 @@ def _outcome(
         "out_dir": str(out_dir),
         "params_count": result.n_params,
         "tokens": result.tokens,
+        "flops": result.flops,
+        "seconds": result.wall_seconds,
     }
     stopped = result.stopped_reason
     if stopped == "nonfinite":

@@ -99,13 +99,15 @@ class TrainerObjective:
     def stage_steps(self, study: StudyConfig, stage: StageSpec) -> tuple[int, int]:
         from studies.config import budget_steps, trial_config
 
-        config = trial_config(study, {}, stage.budget)
+        config = trial_config(study, {}, stage)
         steps = budget_steps(config, stage.budget)
         first_eval = config.eval_every if config.eval_every and config.eval_every > 0 else steps
         return steps, min(first_eval, steps)
 
     def fidelity(self, study: StudyConfig, stage: StageSpec) -> dict[str, Any]:
-        return {"steps": self.stage_steps(study, stage)[0]}
+        """The steps a trial trains, and the trainer settings the stage changes (a proxy)."""
+        steps = {"steps": self.stage_steps(study, stage)[0]}
+        return {**steps, "overrides": dict(stage.overrides)} if stage.overrides else steps
 
     def run(
         self,

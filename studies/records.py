@@ -220,6 +220,22 @@ class StageReport:
             totals[key] = sum(known) if known else None
         return totals
 
+    @property
+    def cost_per_trial(self) -> dict[str, float | None]:
+        """FLOPs and seconds of the average trial that said (None: none did)."""
+        means: dict[str, float | None] = {}
+        for key in ("flops", "seconds"):
+            known = [float(v) for t in self.trials if isinstance(v := t.get(key), int | float)]
+            means[key] = sum(known) / len(known) if known else None
+        return means
+
+    @property
+    def overrides(self) -> dict[str, Any]:
+        """The trainer settings this stage's trials change (a proxy stage); {}: none."""
+        fidelity = self.fidelity
+        found = fidelity.get("overrides") if isinstance(fidelity, dict) else None
+        return dict(found) if isinstance(found, dict) else {}
+
     def to_dict(self, direction: str) -> dict[str, Any]:
         best = best_trial(self.trials, direction)
         return {
@@ -232,7 +248,9 @@ class StageReport:
             "best_params": best["params"] if best else None,
             "space": {name: spec.describe() for name, spec in self.space.items()},
             "notes": self.notes,
+            "overrides": dict(self.overrides),
             "cost": self.cost,
+            "cost_per_trial": self.cost_per_trial,
         }
 
 
@@ -304,10 +322,20 @@ def best_trial(trials: Sequence[Any], direction: str) -> Any:
 def study_ranking(
     reports: Sequence[StageReport], direction: str
 ) -> tuple[StageReport | None, list[TrialRecord]]:
-    """(the last stage with a complete trial, the complete trials of every stage trained with
-    its budget, best first): how a study's best and top trials are chosen."""
+    """(the stage the study's best comes from, the complete trials of every stage trained like
+    it, best first): how a study's best and top trials are chosen.
+
+    That stage is the last one with a complete trial among those that train the last stage's
+    model (its stage overrides): a shorter stage of the target may stand in when the last stage
+    has no complete trial, a proxy stage (other overrides) never does."""
+    target = reports[-1].overrides if reports else None
     chosen = next(
-        (r for r in reversed(reports) if best_trial(r.trials, direction) is not None), None
+        (
+            r
+            for r in reversed(reports)
+            if r.overrides == target and best_trial(r.trials, direction) is not None
+        ),
+        None,
     )
     return chosen, ranked_trials(comparable_trials(reports, chosen), direction)
 
@@ -315,13 +343,8 @@ def study_ranking(
 def comparable_trials(
     reports: Sequence[StageReport], chosen: StageReport | None
 ) -> list[TrialRecord]:
-    """The trials of every stage trained like `chosen` (the last stage with a complete trial):
-    the same budget and the same stage overrides, so their values compare; a shorter or a
-    proxy stage's do not."""
+    """The trials of every stage trained like `chosen`: the same budget and the same stage
+    overrides, so their values compare; a shorter or a proxy stage's do not."""
     if chosen is None:
         return []
-    return [t for r in reports if _same_fidelity(r, chosen) for t in r.trials]
-
-
-def _same_fidelity(report: StageReport, chosen: StageReport) -> bool:
-    return report.fidelity == chosen.fidelity
+    return [t for r in reports if r.fidelity == chosen.fidelity for t in r.trials]

@@ -4,7 +4,8 @@
 
 - its space: the study's (the first stage), the stage before's unchanged (no ``narrow``), or
   narrowed from the stage before's trial records (`studies.stages.narrow_space`, clipped to the
-  trainer's hard limits when the objective is the trainer);
+  trainer's hard limits when the objective is the trainer, to the study's declared space when
+  it is a callable);
 - the trials it starts from: the best earlier trials that lie inside the new space (warm starts,
   at most the stage's trial count), measured again at this stage's budget;
 - its sampler's seed (the study's + the stage's index) and start-up trials (a fine stage is
@@ -131,7 +132,7 @@ def _stage_space(
     study: StudyConfig, index: int, previous: StageReport | None
 ) -> tuple[dict[str, ParamSpec], list[dict[str, Any]], list[str]]:
     """(space, warm starts, notes) of a stage started now."""
-    from studies.config import space_limits
+    from studies.config import declared_limits, space_limits
     from studies.stages import narrow_space
 
     stage = study.stages[index]
@@ -141,7 +142,8 @@ def _stage_space(
         return dict(previous.space), [], [f"space of stage {previous.name} kept"]
     scored = [(t["params"], t["value"]) for t in previous.trials]
     direction: Direction = study.objective.direction or "minimize"
-    limits = space_limits(study) if study.is_trainer else {}
+    # a trainer field's hard bounds; a callable's domain is the space the study declares
+    limits = space_limits(study) if study.is_trainer else declared_limits(study.space)
     space, warm, notes = narrow_space(previous.space, scored, stage.narrow, direction, limits)
     return space, warm[: stage.trials], notes
 
@@ -156,7 +158,8 @@ def check_resumed(
     fixed_trials: bool = False,
 ) -> None:
     """A stage resumed from storage must be the one the study file describes now: the same
-    objective, first space, budget (and trial count, where the engine cannot change it)."""
+    objective, first space, budget, stage overrides (and trial count, where the engine cannot
+    change it)."""
     stage = study.stages[index]
     if index == 0 and space_from_json(stored.get("space") or {}) != study.space:
         raise StudyError(
@@ -168,6 +171,14 @@ def check_resumed(
             f"objective.callable: {study.objective.callable or 'none (the trainer)'}, but study "
             f"'{study.name}' was started with {stored.get('callable') or 'the trainer'} in "
             f"{where}; give the study another name or storage"
+        )
+    fidelity = stored.get("fidelity")
+    was_overrides = fidelity.get("overrides", {}) if isinstance(fidelity, dict) else {}
+    if study.is_trainer and was_overrides != stage.overrides:
+        raise StudyError(
+            f"stages.{stage.name}.overrides: {stage.overrides or 'none'}, but the stage was "
+            f"started with {was_overrides or 'none'} in {where}; give the study another name "
+            "or storage"
         )
     budget = stage.budget.as_written()
     was = stored.get("budget", budget)

@@ -192,7 +192,7 @@ def _narrow_numeric(
         new = ParamSpec(type="int", low=int(new_low), high=int(new_high), log=old.log)
     else:
         new = ParamSpec(type="float", low=new_low, high=new_high, log=old.log)
-    tail = f" (clipped at the trainer's limit {clipped:g})" if clipped is not None else ""
+    tail = f" (clipped at the limit {clipped:g})" if clipped is not None else ""
     if edge is not None:
         note = f"{name}: best at the {edge} edge, widened to {new.describe()}{tail}"
     else:

@@ -20,7 +20,7 @@ Counting: see `studies.records`. The objective is the trainer or a user's callab
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -107,7 +107,7 @@ def tracking_enabled(study: StudyConfig) -> bool:
         return study.mlflow
     from studies.config import trial_config
 
-    return bool(trial_config(study, {}, study.stages[0].budget).tracking.enabled)
+    return bool(trial_config(study, {}, study.stages[0]).tracking.enabled)
 
 
 def preflight(study: StudyConfig, runs_dir: Path, ray_address: str | None = None) -> None:
@@ -259,6 +259,14 @@ def summarise(
             space=source.space if source is not None else study.space,
             best_config_yaml=_best_config_yaml(study, best, chosen),
             out_dir=out_dir,
+            costs={
+                r.name: {
+                    "flops": r.cost["flops"],
+                    "flops_per_trial": r.cost_per_trial["flops"],
+                    "seconds": r.cost["seconds"],
+                }
+                for r in reports
+            },
         )
     totals = StageCounts(requested=sum(r.counts.requested for r in reports))
     for report in reports:
@@ -279,6 +287,9 @@ def summarise(
         "n_failed": totals.failed,
         "n_interrupted": totals.interrupted,
         "trial_steps": sum(int(t.get("steps") or 0) for r in reports for t in r.trials),
+        # what the study spent: training FLOPs (None: no trial said) and trial wall time
+        "flops": _total(report.cost["flops"] for report in reports),
+        "trial_seconds": _total(report.cost["seconds"] for report in reports),
         "mlflow_experiment": tracker.experiment_name if active and tracker else None,
         "mlflow_parent_run_id": tracker.parent_run_id if active and tracker else None,
         "tracking_uri": tracker.tracking_uri if active and tracker else None,
@@ -299,6 +310,11 @@ def summarise(
         "stages": [report.to_dict(direction) for report in reports],
         "failures": {report.name: _failure_reasons(report.trials) for report in reports},
     }
+
+
+def _total(values: Iterable[float | None]) -> float | None:
+    known = [v for v in values if v is not None]
+    return sum(known) if known else None
 
 
 def _failure_reasons(trials: Sequence[Mapping[str, Any]]) -> dict[str, int]:
@@ -356,6 +372,6 @@ def _best_config_yaml(
         from studies.config import trial_config
 
         spec = next(s for s in study.stages if s.name == best["stage"])
-        config = trial_config(study, best["params"], spec.budget)
+        config = trial_config(study, best["params"], spec)
         text = yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)
     return title + "#   scaleplan train best_config.yaml --out runs/train/best\n" + text

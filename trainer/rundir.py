@@ -54,6 +54,7 @@ __all__ = [
     "RunResult",
     "build_run",
     "finish_run",
+    "flops_per_step",
     "run_result",
     "save_run",
     "start_run",
@@ -233,6 +234,33 @@ def build_run(
         peak_flops_source=peak_source,
         tokens_per_step=data.tokens_per_batch * config.grad_accum_steps,
     )
+
+
+def flops_per_step(config: TrainConfig) -> float:
+    """Training FLOPs of one optimiser step under `config`: the run's own flops_per_token
+    (see trainer.diagnostics) times the tokens a step consumes, counted on a model built on
+    the meta device (no memory, no initialisation), so a budget in FLOPs can become steps."""
+    key = json.dumps(
+        [config.model.model_dump(mode="json"), config.data.model_dump(mode="json")],
+        sort_keys=True,
+        default=str,
+    )
+    if key not in _FLOPS_PER_BATCH:  # the model and the data are all the count depends on
+        data = build_data(config.data, seed=config.seed)
+        with torch.device("meta"):
+            model = build_model(
+                config.model,
+                vocab_size=data.vocab_size,
+                input_shape=data.input_shape,
+                num_classes=data.num_classes,
+            )
+        example = data.val_batches(1)[0][0][:1].to("meta")
+        per_token = flops_per_token(model, example, config.data.block_size)
+        _FLOPS_PER_BATCH[key] = per_token * data.tokens_per_batch
+    return _FLOPS_PER_BATCH[key] * config.grad_accum_steps
+
+
+_FLOPS_PER_BATCH: dict[str, float] = {}
 
 
 def _continue_under_config(

@@ -30,6 +30,20 @@ def fixed(value: float | None, digits: int = 3) -> str:
     return "-" if value is None or not math.isfinite(value) else f"{value:.{digits}f}"
 
 
+def duration(seconds: float | None) -> str:
+    """Wall time: 0.41 s, 38 s, 2 min 4 s, 3 h 12 min."""
+    if seconds is None or not math.isfinite(seconds):
+        return "-"
+    if seconds < 10:
+        return f"{seconds:.2g} s"
+    whole = round(seconds)
+    if whole < 60:
+        return f"{whole} s"
+    if whole < 3600:
+        return f"{whole // 60} min {whole % 60} s"
+    return f"{whole // 3600} h {whole % 3600 // 60} min"
+
+
 def with_band(row: dict[str, Any], key: str, fmt: Any) -> str:
     """'value [low – high]' when the row has a band for ``key``."""
     text = fmt(row.get(key))
@@ -70,6 +84,51 @@ def param(value: Any) -> str:
     return "-" if value is None else str(value)
 
 
+def budget(stage: Mapping[str, Any]) -> str:
+    """A stage's budget in a table: ``120`` (steps), ``97 (2e+11 FLOPs)``, ``390 (800k
+    tokens)``, ``epochs=12`` (a callable's own keys)."""
+    written, steps = dict(stage.get("budget") or {}), stage.get("budget_steps")
+    if written in ({}, {"steps": steps}):
+        return str(steps)
+    if steps and list(written) == ["flops"]:
+        return f"{steps} ({sci(written['flops'])} FLOPs)"
+    if steps and list(written) == ["tokens"]:
+        return f"{steps} ({count(written['tokens'])} tokens)"
+    return settings(written)
+
+
+def settings(values: Mapping[str, Any]) -> str:
+    """``model.d_model=32, data.block_size=64``."""
+    return ", ".join(f"{key}={param(value)}" for key, value in values.items())
+
+
+def stage_rows(stages: Sequence[Mapping[str, Any]]) -> tuple[list[str], list[list[str]], str]:
+    """(columns, rows, caption) of a stage table, from `StageReport.to_dict` mappings: what
+    each stage ran, how its trials ended, its best, and what it cost."""
+    columns = ["stage", "sampler", "pruner", "budget", "trials", "complete", "pruned"]
+    columns += ["failed", "best", "FLOPs/trial", "FLOPs", "wall"]
+    rows = [
+        [
+            stage["name"],
+            stage["sampler"],
+            stage["pruner"],
+            budget(stage),
+            f"{stage['n_finished']}/{stage['requested']}",
+            str(stage["n_complete"]),
+            str(stage["n_pruned"]),
+            str(stage["n_failed"]),
+            metric(stage["best_value"]),
+            sci(stage["cost_per_trial"]["flops"]),
+            sci(stage["cost"]["flops"]),
+            duration(stage["cost"]["seconds"]),
+        ]
+        for stage in stages
+    ]
+    proxies = [f"{s['name']}: {settings(s['overrides'])}" for s in stages if s.get("overrides")]
+    caption = "proxy stages (trained with other settings than the last stage): " if proxies else ""
+    return columns, rows, caption + "; ".join(proxies)
+
+
 def print_table(
     title: str | None, columns: Sequence[str], rows: Sequence[Sequence[str]], caption: str = ""
 ) -> None:
@@ -88,7 +147,7 @@ def print_table(
         table.add_column(column, justify="left" if i == 0 else "right")
     for row in rows:
         table.add_row(*(Text(cell) for cell in row))
-    Console(width=max(Console().width, 120)).print(table)
+    Console(width=max(Console().width, 140)).print(table)
 
 
 def warn(message: str) -> None:

@@ -142,31 +142,18 @@ def _show(name: str, storage: str, reports: list[StageReport], as_json: bool) ->
             )
         )
         return 0
+    columns, rows, caption = output.stage_rows([r.to_dict(direction) for r in reports])
+    unfinished = [
+        f"stage {r.name}: {r.counts.finished} of {r.counts.requested} trials finished (the "
+        "sweep is running, or was stopped: the same `scaleplan sweep` resumes it)"
+        for r in reports
+        if r.counts.finished < r.counts.requested
+    ]
     output.print_table(
         f"Study {name} ({metric}, {direction}) in {mask_password(storage)}",
-        ["stage", "sampler", "pruner", "steps", "trials", "complete", "pruned", "failed"]
-        + ["interrupted", "best"],
-        [
-            [
-                r.name,
-                r.sampler,
-                r.pruner,
-                str(r.budget_steps),
-                f"{r.counts.finished}/{r.counts.requested}",
-                str(r.counts.complete),
-                str(r.counts.pruned),
-                str(r.counts.failed),
-                str(r.counts.interrupted),
-                output.metric(r.counts.best_value),
-            ]
-            for r in reports
-        ],
-        caption="\n".join(
-            f"stage {r.name}: {r.counts.finished} of {r.counts.requested} trials finished (the "
-            "sweep is running, or was stopped: the same `scaleplan sweep` resumes it)"
-            for r in reports
-            if r.counts.finished < r.counts.requested
-        ),
+        columns,
+        rows,
+        "\n".join(line for line in [caption, *unfinished] if line),
     )
     if top:
         names = list(top[0]["params"])

@@ -299,24 +299,8 @@ def _best_text(counts: StageCounts) -> str:
 def print_summary(summary: dict[str, Any]) -> None:
     """Stages, the best configurations, importances, and where everything is."""
     metric = summary["metric"]
-    output.print_table(
-        f"Study {summary['study']}: stages",
-        ["stage", "sampler", "pruner", "steps", "trials", "complete", "pruned", "failed", "best"],
-        [
-            [
-                stage["name"],
-                stage["sampler"],
-                stage["pruner"],
-                str(stage["budget_steps"]),
-                f"{stage['n_finished']}/{stage['requested']}",
-                str(stage["n_complete"]),
-                str(stage["n_pruned"]),
-                str(stage["n_failed"]),
-                output.metric(stage["best_value"]),
-            ]
-            for stage in summary["stages"]
-        ],
-    )
+    columns, rows, caption = output.stage_rows(summary["stages"])
+    output.print_table(f"Study {summary['study']}: stages", columns, rows, caption)
     top = summary["top"]
     if top:
         names = list(top[0]["params"])
@@ -346,6 +330,11 @@ def print_summary(summary: dict[str, Any]) -> None:
         )
     if summary["best_value"] is not None:
         lines.append(f"best {metric}: {output.metric(summary['best_value'])}")
+    spent = [f"{output.sci(summary['flops'])} training FLOPs"] if summary.get("flops") else []
+    if summary.get("trial_seconds") is not None:
+        spent.append(f"{output.duration(summary['trial_seconds'])} of trial time")
+    if spent:
+        lines.append(f"cost: {', '.join(spent)}")
     failures = failure_line(summary)
     if failures:
         lines.append(failures)

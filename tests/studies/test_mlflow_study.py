@@ -75,7 +75,7 @@ def train_child(study: StudyConfig, params: dict[str, Any], out_dir: Path, paren
     """A real trainer run nested under `parent`, in this process; its final val loss."""
     from trainer.loop import train
 
-    config = trial_config(study, params, study.stages[0].budget)
+    config = trial_config(study, params, study.stages[0])
     tracking = config.tracking.model_copy(update={"experiment": "scaleplan-mlflowtest"})
     result = train(
         config.model_copy(update={"tracking": tracking}), out_dir=out_dir, parent_run_id=parent
@@ -294,7 +294,7 @@ def test_mlflow_server_over_http(tmp_path: Path) -> None:
         tracker = StudyTracker(study, runs_dir=tmp_path / "runs")
         assert tracker.parent_run_id is not None
         params = {"optimizer.lr": 2e-3, "optimizer.weight_decay": 0.05}
-        config = trial_config(study, params, study.stages[0].budget)
+        config = trial_config(study, params, study.stages[0])
         tracking = config.tracking.model_copy(update={"experiment": tracker.experiment_name})
         config_file = tmp_path / "trial.yaml"
         config_file.write_text(

@@ -209,7 +209,8 @@ def test_a_trainer_study_refuses_a_budget_it_does_not_know(tmp_path: Path) -> No
     with pytest.raises(StudyError) as error:
         load_study(path)
     assert str(error.value) == (
-        "stages.only.budget.epochs: not a budget the trainer objective knows; use steps or tokens"
+        "stages.only.budget.epochs: not a budget the trainer objective knows; use steps, "
+        "tokens or flops"
     )
     assert isinstance(
         objective_for(load_study(path, ["stages.only.budget={steps: 3}"])), TrainerObjective

@@ -126,7 +126,7 @@ def test_best_at_the_lower_edge_is_clipped_at_the_trainer_limit() -> None:
     wd = new["optimizer.weight_decay"]
     assert wd.low == 0.0 and wd.high is not None and 0.0 < wd.high < 0.3
     assert notes[0].startswith("optimizer.weight_decay: best at the lower edge, widened to [0,")
-    assert notes[0].endswith("(clipped at the trainer's limit 0)")
+    assert notes[0].endswith("(clipped at the limit 0)")
 
 
 def test_open_limit_is_never_reached() -> None:

@@ -16,6 +16,7 @@ import yaml
 from studies.config import (
     BudgetSpec,
     ParamSpec,
+    StageSpec,
     StudyConfig,
     load_study,
     mask_password,
@@ -30,6 +31,11 @@ from trainer.models import GPTConfig
 REPO = Path(__file__).resolve().parents[2]
 QUICKSTART = REPO / "studies" / "configs" / "quickstart.yaml"
 GPT_TINY = REPO / "studies" / "configs" / "gpt-tiny.yaml"
+
+
+def a_stage(**budget: int) -> StageSpec:
+    """A stage with this budget and nothing else to say."""
+    return StageSpec(name="only", sampler="random", trials=1, budget=BudgetSpec(**budget))
 
 
 def write_study(tmp_path: Path, **fields: Any) -> Path:
@@ -78,7 +84,7 @@ def test_quickstart_fits_the_cpu_budget() -> None:
 def test_trial_config_is_base_plus_overrides_plus_params_plus_budget() -> None:
     study = load_study(QUICKSTART)
     params = {"optimizer.lr": 1e-3, "optimizer.betas.1": 0.99, "schedule.warmup_fraction": 0.1}
-    config = trial_config(study, params, study.stages[0].budget)
+    config = trial_config(study, params, study.stages[0])
     assert config.optimizer.lr == 1e-3
     assert config.optimizer.betas == (0.9, 0.99)  # element 1 replaced, element 0 from the base
     assert config.schedule.warmup_fraction == 0.1 and config.schedule.warmup_steps is None
@@ -90,15 +96,15 @@ def test_trial_config_is_base_plus_overrides_plus_params_plus_budget() -> None:
 
 def test_token_budget_becomes_steps_of_the_trial_batch() -> None:
     study = load_study(QUICKSTART)
-    config = trial_config(study, {}, BudgetSpec(tokens=1_000_000))
+    config = trial_config(study, {}, a_stage(tokens=1_000_000))
     assert config.steps == 1_000_000 // (16 * 128)
-    bigger = trial_config(study, {"data.batch_size": 32}, BudgetSpec(tokens=1_000_000))
+    bigger = trial_config(study, {"data.batch_size": 32}, a_stage(tokens=1_000_000))
     assert bigger.steps == 1_000_000 // (32 * 128)
 
 
 def test_tracking_uri_goes_to_the_trial(tmp_path: Path) -> None:
     study = load_study(QUICKSTART, ["tracking_uri=http://mlflow.example:5000"])
-    config = trial_config(study, {}, study.stages[0].budget)
+    config = trial_config(study, {}, study.stages[0])
     assert config.tracking.tracking_uri == "http://mlflow.example:5000"
     assert config.tracking.experiment == "scaleplan-quickstart"
 
@@ -174,7 +180,7 @@ def test_set_reaches_stages_space_overrides_and_top_level() -> None:
     assert study.space["optimizer.lr"].high == 1e-2  # "1e-2" is a float, not YAML 1.1's string
     assert "optimizer.weight_decay" not in study.space
     assert study.space["optimizer.eps"].log
-    model = trial_config(study, {}, study.stages[0].budget).model
+    model = trial_config(study, {}, study.stages[0]).model
     assert isinstance(model, GPTConfig) and model.n_layer == 1
     assert study.workers == 2 and study.objective.metric == "best_val_loss"
 
@@ -207,7 +213,7 @@ def test_conditional_parameter_on_a_categorical_one(tmp_path: Path) -> None:
     assert momentum.is_active({"optimizer.name": "momentum"})
     assert not momentum.is_active({"optimizer.name": "adamw"})
     config = trial_config(
-        study, {"optimizer.name": "momentum", "optimizer.momentum": 0.9}, BudgetSpec(steps=5)
+        study, {"optimizer.name": "momentum", "optimizer.momentum": 0.9}, a_stage(steps=5)
     )
     assert config.optimizer.name == "momentum" and config.optimizer.momentum == 0.9
 
@@ -253,7 +259,7 @@ BAD_SETS = [
     ),
     (
         ["stages.fine.budget={steps: 10, tokens: 10000}"],
-        "stages.fine.budget.steps: set exactly one of steps and tokens",
+        "stages.fine.budget.steps: set exactly one of steps, tokens and flops",
     ),
     (["stages.0.narrow={top_k: 3}"], "stages.coarse.narrow: stage 'coarse' is the first"),
     (["stages.1.name=coarse"], "stages.1.name: 'coarse' is used twice"),
@@ -397,9 +403,10 @@ def test_tuple_element_needs_the_tuple_in_the_base(tmp_path: Path) -> None:
     ):
         load_study(path)
     fixed = load_study(path, ["overrides.optimizer.betas=[0.9, 0.95]"])
-    assert trial_config(
-        fixed, {"optimizer.betas.1": 0.98}, BudgetSpec(steps=1)
-    ).optimizer.betas == (0.9, 0.98)
+    assert trial_config(fixed, {"optimizer.betas.1": 0.98}, a_stage(steps=1)).optimizer.betas == (
+        0.9,
+        0.98,
+    )
 
 
 def test_missing_and_broken_files(tmp_path: Path) -> None:

@@ -147,7 +147,7 @@ def run_pbt_trial(
 
     study, stage = ctx.study, ctx.stage
     out_dir = trial_dir(study, trial_id, ctx.runs_dir)
-    last_step = trial_config(study, params, stage.budget).steps
+    last_step = trial_config(study, params, stage).steps
     stopped = False
     with tempfile.TemporaryDirectory(prefix="scaleplan-pbt-") as scratch:
         try:
