@@ -213,6 +213,59 @@ def ray_overhead(trials: int = 32, *, workers: int = 1, sampler: str = "tpe") ->
     }
 
 
+CALLABLE_TARGETS_S = {"optuna": 0.005, "ray": 0.030}  # the studies-engine issue's goals
+
+
+def trivial(params: dict[str, Any], trial: Any) -> float:
+    """The trivial callable objective: its start time to ``<out_dir>/start``, three reports,
+    a value."""
+    (trial.out_dir / "start").write_text(repr(time.time()))
+    value = (float(params["x"]) - 0.3) ** 2
+    for step in (1, 2, 3):
+        if trial.report(step, value + 1.0 / step):
+            return value + 1.0 / step
+    return value
+
+
+def callable_overhead(
+    backend: str, trials: int = 100, *, sampler: str = "random"
+) -> dict[str, Any]:
+    """Per-trial seconds around the trivial callable objective, through `studies.run_study`
+    (the public entry point), one trial at a time, MLflow off: the gap between consecutive
+    trial starts (the backend's start-up, Ray's included, is before the first)."""
+    from studies import run_study
+
+    here = str(Path(__file__).resolve().parent)
+    sys.path.insert(0, here)  # `trial_overhead:trivial` imports here and in Ray's workers
+    os.environ["PYTHONPATH"] = os.pathsep.join([here, str(REPO), os.environ.get("PYTHONPATH", "")])
+    with tempfile.TemporaryDirectory() as folder:
+        root = Path(folder)
+        started = time.perf_counter()
+        run_study(
+            "trial_overhead:trivial",
+            {"x": {"low": 0.0, "high": 1.0}},
+            [{"name": "only", "sampler": sampler, "trials": trials, "budget": {"steps": 3}}],
+            name="overhead",
+            backend=backend,
+            runs_dir=root / "runs",
+            mlflow=False,
+        )
+        total = time.perf_counter() - started
+        starts = sorted(float(p.read_text()) for p in (root / "runs").rglob("start"))
+    gaps = [b - a for a, b in zip(starts, starts[1:], strict=False)]
+    return {
+        "backend": f"{backend}:fn",
+        "sampler": sampler,
+        "storage": "default",
+        "tracking": "off, 1 at once",
+        "trials": trials,
+        "median_s": statistics.median(gaps),
+        "mean_s": statistics.fmean(gaps),
+        "max_s": max(gaps),
+        "total_s": total,
+    }
+
+
 BACKENDS: dict[str, Callable[..., dict[str, Any]]] = {
     "optuna": optuna_overhead,
     "ray": ray_overhead,
@@ -224,6 +277,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--backend", choices=[*BACKENDS, "all"], default="all")
     parser.add_argument("--trials", type=int, default=50)
     parser.add_argument("--sampler", default="tpe", help="stage sampler (default tpe)")
+    parser.add_argument(
+        "--objective",
+        choices=["trainer", "callable"],
+        default="trainer",
+        help="trainer: the no-op trainer trial (trial_fn); callable: a trivial callable "
+        "objective through studies.run_study",
+    )
     args = parser.parse_args(argv)
 
     print(f"# {' '.join([Path(sys.argv[0]).name, *(argv or sys.argv[1:])])}")
@@ -233,7 +293,11 @@ def main(argv: list[str] | None = None) -> int:
         f"Python {platform.python_version()}"
     )
     rows: list[dict[str, Any]] = []
-    if args.backend in ("optuna", "all"):
+    if args.objective == "callable":
+        for name in BACKENDS:
+            if args.backend in (name, "all"):
+                rows.append(callable_overhead(name, args.trials, sampler=args.sampler))
+    elif args.backend in ("optuna", "all"):
         for storage, tracking in (("journal", False), ("sqlite", False), ("journal", True)):
             rows.append(
                 optuna_overhead(
@@ -241,7 +305,7 @@ def main(argv: list[str] | None = None) -> int:
                 )
             )
     for name, measure in BACKENDS.items():
-        if name != "optuna" and args.backend in (name, "all"):
+        if args.objective == "trainer" and name != "optuna" and args.backend in (name, "all"):
             rows.append(measure(args.trials))
     print(
         f"{'backend':8} {'sampler':8} {'storage':8} {'tracking':15} {'trials':>6} "
@@ -260,6 +324,13 @@ def main(argv: list[str] | None = None) -> int:
                 f"# Ray backend: {row['median_s']:.3f} s per trial ({verdict} the "
                 f"{RAY_TARGET_S} s budget); {row['total_s'] / row['trials']:.3f} s with the "
                 f"stage's set-up spread over its trials; Ray start-up {row['start_s']:.1f} s"
+            )
+        if row["backend"].endswith(":fn"):
+            goal = CALLABLE_TARGETS_S[row["backend"].removesuffix(":fn")]
+            verdict = "within" if row["median_s"] <= goal else "OVER"
+            print(
+                f"# {row['backend']} (callable objective): {1000 * row['median_s']:.1f} ms per "
+                f"trial ({verdict} the {1000 * goal:.0f} ms goal)"
             )
     default = rows[0] if rows and rows[0]["backend"] == "optuna" else None
     if default is not None:

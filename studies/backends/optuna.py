@@ -247,21 +247,28 @@ def study_exists(study: StudyConfig, runs_dir: str | Path = "runs") -> bool:
 # Trials as records, counting, interrupted trials
 
 
-def trial_record(trial: FrozenTrial, stage: str) -> TrialRecord:
-    """An Optuna trial as the backend-independent `studies.records.TrialRecord`."""
+def _state(trial: FrozenTrial) -> tuple[Any, str | None]:
+    """(the record's state, its reason): a failed trial without a reason, or one to be run
+    again, was interrupted."""
     from optuna.trial import TrialState
 
-    attrs = trial.user_attrs
     state: Any = {
         TrialState.COMPLETE: "complete",
         TrialState.PRUNED: "pruned",
         TrialState.RUNNING: "running",
         TrialState.WAITING: "waiting",
     }.get(trial.state, "failed")
-    reason = attrs.get("reason")
-    if trial.state == TrialState.FAIL and (reason is None or attrs.get("retried")):
-        state = INTERRUPTED
-        reason = reason or INTERRUPTED
+    reason = trial.user_attrs.get("reason")
+    if trial.state == TrialState.FAIL and (reason is None or trial.user_attrs.get("retried")):
+        return INTERRUPTED, reason or INTERRUPTED
+    return state, reason
+
+
+def trial_record(trial: FrozenTrial, stage: str) -> TrialRecord:
+    """An Optuna trial as the backend-independent `studies.records.TrialRecord`."""
+
+    attrs = trial.user_attrs
+    state, reason = _state(trial)
     return make_record(
         number=trial.number,
         stage=stage,
@@ -532,8 +539,12 @@ def _run_stage(
 
 
 def _counts(ostudy: optuna.Study, ctx: _Stage) -> StageCounts:
-    records = _stage_records(ostudy, ctx.spec.name)
-    return count_trials(records, ctx.spec.trials, ctx.study.objective.direction or "minimize")
+    # only what counting needs: this runs twice a trial, over every trial of the stage
+    states = [
+        {"state": _state(t)[0], "value": t.value, "number": t.number}
+        for t in ostudy.get_trials(deepcopy=False)
+    ]
+    return count_trials(states, ctx.spec.trials, ctx.study.objective.direction or "minimize")
 
 
 def _record_interrupted(
