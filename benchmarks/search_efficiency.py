@@ -70,8 +70,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import yaml  # noqa: E402
 
-from studies.config import StageSpec, StudyConfig, load_study  # noqa: E402
+from studies.config import StageSpec, StudyConfig  # noqa: E402
 from studies.objective import Report, TrialOutcome, run_trial  # noqa: E402
+from studies.study_file import load_study  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 QUICKSTART = REPO / "studies" / "configs" / "quickstart.yaml"

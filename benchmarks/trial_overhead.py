@@ -36,8 +36,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import yaml  # noqa: E402
 
-from studies.config import StageSpec, StudyConfig, load_study  # noqa: E402
+from studies.config import StageSpec, StudyConfig  # noqa: E402
 from studies.objective import Report, TrialOutcome  # noqa: E402
+from studies.study_file import load_study  # noqa: E402
 
 TARGET_S = 0.3  # the budget for the Optuna backend's per-trial overhead
 REPO = Path(__file__).resolve().parents[1]

@@ -15,14 +15,15 @@ from trainer.exports import lazy_getattr
 
 if TYPE_CHECKING:
     from studies.backends import load_stage_reports
-    from studies.config import StudyConfig, load_study
+    from studies.config import StudyConfig
+    from studies.study_file import load_study
     from studies.sweep import prepare_study, run_study, run_sweep
 
 # Public names and the module that defines each; imported on first use, so that the CLI's
 # `import studies` stays light (`scaleplan plan` never imports torch, optuna or ray).
 _EXPORTS = {
     "StudyConfig": "studies.config",
-    "load_study": "studies.config",
+    "load_study": "studies.study_file",
     "load_stage_reports": "studies.backends",
     "prepare_study": "studies.sweep",
     "run_study": "studies.sweep",

@@ -1,4 +1,5 @@
-"""`StudyConfig`: a sweep's study file, validated, loaded from YAML with ``--set`` overrides.
+"""`StudyConfig`: the schema of a sweep's study file (read by `studies.study_file`, turned into
+trainer configs by `studies.trainer_config`).
 
 A study file names a base trainer config and the inline overrides applied to it, a search space
 whose keys are dotted trainer config keys, the stages (sampler, trials, budget, pruner, how a
@@ -34,7 +35,6 @@ Every mistake, pydantic's included, becomes one `StudyError` line naming the fie
 
 from __future__ import annotations
 
-import difflib
 import json
 import math
 import os
@@ -43,9 +43,8 @@ import types
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any, Literal, Union, get_args, get_origin
+from typing import TYPE_CHECKING, Any, Literal, Union, get_args, get_origin
 
-import yaml
 from pydantic import (
     BaseModel,
     ConfigDict,
@@ -59,7 +58,7 @@ from studies.backends import BACKENDS, RDB_SCHEMES, backend_info
 from studies.errors import StudyError
 
 if TYPE_CHECKING:
-    from trainer.config import TrainConfig
+    pass
 
 __all__ = [
     "BudgetSpec",
@@ -71,16 +70,13 @@ __all__ = [
     "RayOptions",
     "StageSpec",
     "StudyConfig",
-    "budget_steps",
-    "check_trainer_keys",
     "condition_order",
     "declared_limits",
-    "load_study",
+    "mask_password",
+    "read_yaml",
+    "unwrap_optional",
     "validate_study",
-    "space_limits",
-    "tokens_per_step",
-    "trainer_keys",
-    "trial_config",
+    "yaml_numbers",
 ]
 
 Choice = str | int | float | bool | None
@@ -646,7 +642,7 @@ class StudyConfig(BaseModel):
         if self.base is None:
             raise StudyError("base: none; the objective is a callable, not the trainer")
         if self._base_raw is None:
-            self._base_raw = _read_yaml(self.base, "base")
+            self._base_raw = read_yaml(self.base, "base")
         return self._base_raw
 
     def resolved_storage(self, runs_dir: str | Path = "runs") -> str:
@@ -738,31 +734,7 @@ def mask_password(url: str) -> str:
 
 
 # ---------------------------------------------------------------------------------------------
-# Loading
-
-
-def load_study(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> StudyConfig:
-    """Read a study file, apply ``--set`` overrides, validate it and its trainer keys.
-
-    Overrides address the study file: ``stages.coarse.trials=8`` (a stage by name or index),
-    ``space.optimizer.lr.high=1e-2``, ``space.optimizer.lr=null`` (drops the parameter),
-    ``overrides.model.n_layer=4``, ``backend=ray``. Values are YAML.
-    """
-    path = Path(path)
-    raw = _read_yaml(path, "study")
-    raw = _normalise(raw)
-    for item in overrides:
-        _apply_study_override(raw, item)
-    raw.setdefault("name", path.stem)
-    base = raw.get("base")
-    if isinstance(base, str) and not base.strip():
-        raise StudyError("base: empty; expected the trainer YAML's path (relative to the study)")
-    if isinstance(base, str):
-        raw["base"] = str((path.parent / base).absolute()) if not Path(base).is_absolute() else base
-    study = validate_study(raw, search_path=path.parent.absolute())
-    if study.is_trainer:
-        check_trainer_keys(study)
-    return study
+# A study from a mapping; reading YAML
 
 
 def validate_study(raw: Mapping[str, Any], *, search_path: Path | None = None) -> StudyConfig:
@@ -776,120 +748,21 @@ def validate_study(raw: Mapping[str, Any], *, search_path: Path | None = None) -
     return study
 
 
-def _read_yaml(path: Path, field: str) -> dict[str, Any]:
+def read_yaml(path: Path, field: str) -> dict[str, Any]:
     from trainer.config import read_yaml_mapping
 
-    return dict(_numbers(read_yaml_mapping(path, field, StudyError)))
+    return dict(yaml_numbers(read_yaml_mapping(path, field, StudyError)))
 
 
-def _numbers(tree: Any) -> Any:
+def yaml_numbers(tree: Any) -> Any:
     """YAML 1.1 reads 1e-4 (no dot) as a string: make such strings floats, everywhere."""
     if isinstance(tree, dict):
-        return {key: _numbers(value) for key, value in tree.items()}
+        return {key: yaml_numbers(value) for key, value in tree.items()}
     if isinstance(tree, list):
-        return [_numbers(value) for value in tree]
+        return [yaml_numbers(value) for value in tree]
     if isinstance(tree, str) and _EXPONENT_NUMBER.match(tree):
         return float(tree)
     return tree
-
-
-def _normalise(raw: dict[str, Any]) -> dict[str, Any]:
-    """Expand shorthands (``pruner: asha``, ``budget: 200``, ``objective: val_loss``) so that
-    ``--set`` can reach their fields."""
-    if isinstance(raw.get("objective"), str):
-        raw["objective"] = {"metric": raw["objective"]}
-    for stage in raw.get("stages") or []:
-        if not isinstance(stage, dict):
-            continue
-        if isinstance(stage.get("pruner"), str):
-            stage["pruner"] = {"name": stage["pruner"]}
-        budget = stage.get("budget")
-        if isinstance(budget, int) and not isinstance(budget, bool):
-            stage["budget"] = {"steps": budget}
-    return raw
-
-
-def _parse_value(key: str, text: str) -> Any:
-    try:
-        value = yaml.safe_load(text)
-    except yaml.YAMLError:
-        raise StudyError(f"--set {key}: '{text}' is not a valid YAML value") from None
-    return _numbers(value)
-
-
-def _apply_study_override(raw: dict[str, Any], item: str) -> None:
-    key, sep, text = item.partition("=")
-    key = key.strip()
-    if not sep or not key:
-        raise StudyError(f"--set: '{item}' is not of the form dotted.key=value")
-    value = _parse_value(key, text)
-    head, *rest = key.split(".")
-    if head in ("space", "overrides") and not rest:
-        raw[head] = value
-    elif head == "space":
-        _set_space(raw, key, rest, value)
-    elif head == "overrides":
-        overrides = raw.setdefault("overrides", {})
-        if not isinstance(overrides, dict):
-            raise StudyError(f"--set {key}: 'overrides' is not a mapping in the study file")
-        overrides[".".join(rest)] = value
-    elif head == "stages" and rest:
-        stages = raw.get("stages")
-        if not isinstance(stages, list):
-            raise StudyError(f"--set {key}: the study file has no list of stages")
-        names = [stage.get("name") if isinstance(stage, dict) else None for stage in stages]
-        if rest[0].isdigit():
-            index = int(rest[0])
-        else:
-            index = names.index(rest[0]) if rest[0] in names else -1
-        if not 0 <= index < len(stages):
-            known = ", ".join(str(n) for n in names)
-            raise StudyError(f"--set {key}: no stage '{rest[0]}'; stages: {known} (or an index)")
-        if len(rest) == 1:
-            stages[index] = value
-        elif rest[1] == "overrides" and len(rest) > 2:  # its keys are dotted trainer keys
-            _set_nested(stages[index], ["overrides", ".".join(rest[2:])], value, key)
-        else:
-            _set_nested(stages[index], rest[1:], value, key)
-    else:
-        _set_nested(raw, [head, *rest], value, key)
-    _normalise(raw)
-
-
-def _set_space(raw: dict[str, Any], key: str, rest: list[str], value: Any) -> None:
-    space = raw.setdefault("space", {})
-    if not isinstance(space, dict):
-        raise StudyError(f"--set {key}: 'space' is not a mapping in the study file")
-    whole = ".".join(rest)
-    param, field = ".".join(rest[:-1]), rest[-1]
-    if param in space and field in ParamSpec.model_fields:
-        if not isinstance(space[param], dict):
-            space[param] = {}
-        space[param][field] = value
-    elif whole in space or isinstance(value, dict) or value is None:
-        if value is None:
-            space.pop(whole, None)  # `space.KEY=null` drops the parameter
-        else:
-            space[whole] = value
-    elif param in space:
-        allowed = ", ".join(ParamSpec.model_fields)
-        raise StudyError(f"--set {key}: '{field}' is not a parameter field; allowed: {allowed}")
-    else:
-        raise StudyError(
-            f"--set {key}: no parameter '{param or whole}' in space; parameters: {', '.join(space)}"
-        )
-
-
-def _set_nested(node: Any, parts: list[str], value: Any, key: str) -> None:
-    for part in parts[:-1]:
-        if not isinstance(node, dict):
-            raise StudyError(f"--set {key}: '{part}' is inside a value that is not a mapping")
-        if not isinstance(node.get(part), dict):
-            node[part] = {}
-        node = node[part]
-    if not isinstance(node, dict):
-        raise StudyError(f"--set {key}: '{parts[-1]}' is inside a value that is not a mapping")
-    node[parts[-1]] = value
 
 
 # ---------------------------------------------------------------------------------------------
@@ -945,7 +818,7 @@ def _model_at(loc: list[str]) -> type[BaseModel] | None:
             if part not in model.model_fields:
                 return None
             annotation = model.model_fields[part].annotation
-        inner = _unwrap_optional(annotation)
+        inner = unwrap_optional(annotation)
         if isinstance(inner, type) and issubclass(inner, BaseModel):
             model, annotation = inner, None
     return model if annotation is None else None
@@ -957,12 +830,13 @@ def _short(value: Any) -> str:
 
 
 # ---------------------------------------------------------------------------------------------
-# The trainer side: which keys exist, their hard limits, building a trial's TrainConfig
+# A parameter's bounds: declared here, the trainer field's own in `studies.trainer_config`
 
 
 @dataclass(frozen=True)
 class Limits:
-    """Hard bounds of a trainer field (from its pydantic constraints); None: unbounded."""
+    """Bounds a parameter may not leave (a trainer field's pydantic constraints, or a callable's
+    declared domain); None: unbounded."""
 
     low: float | None = None
     high: float | None = None
@@ -970,96 +844,13 @@ class Limits:
     high_open: bool = False
 
 
-def _unwrap_optional(annotation: Any) -> Any:
+def unwrap_optional(annotation: Any) -> Any:
+    """``X | None`` -> ``X``; any other annotation unchanged."""
     if get_origin(annotation) in (Union, types.UnionType):
         args = [a for a in get_args(annotation) if a is not type(None)]
         if len(args) == 1:
             return args[0]
     return annotation
-
-
-def _model_kind(raw: Mapping[str, Any]) -> str:
-    model = raw.get("model")
-    return str(model.get("kind", "gpt")) if isinstance(model, dict) else "gpt"
-
-
-def _field_tree(kind: str) -> dict[str, tuple[Any, list[Any]]]:
-    """Every dotted trainer key -> (its annotation, its constraint metadata); tuple elements
-    appear as ``key.0``, ``key.1``; a list field's elements as ``key.*``."""
-    from trainer.config import MODEL_KINDS, TrainConfig
-
-    tree: dict[str, tuple[Any, list[Any]]] = {}
-
-    def walk(model: type[BaseModel], prefix: str) -> None:
-        for name, info in model.model_fields.items():
-            key = f"{prefix}{name}"
-            annotation = _unwrap_optional(info.annotation)
-            tree[key] = (annotation, list(info.metadata))
-            if name == "model" and model is TrainConfig:
-                walk(MODEL_KINDS.get(kind, MODEL_KINDS["gpt"]), key + ".")
-            elif isinstance(annotation, type) and issubclass(annotation, BaseModel):
-                walk(annotation, key + ".")
-            elif get_origin(annotation) in (tuple, list):
-                args = get_args(annotation)
-                if get_origin(annotation) is tuple and Ellipsis not in args:
-                    items = [(str(i), arg) for i, arg in enumerate(args)]
-                else:
-                    items = [("*", args[0] if args else Any)]
-                for index, arg in items:
-                    metadata: list[Any] = []
-                    if get_origin(arg) is Annotated:
-                        for extra in get_args(arg)[1:]:
-                            metadata.extend(getattr(extra, "metadata", [extra]))
-                        arg = get_args(arg)[0]
-                    tree[f"{key}.{index}"] = (arg, metadata)
-
-    walk(TrainConfig, "")
-    return tree
-
-
-def trainer_keys(kind: str = "gpt") -> list[str]:
-    """Every dotted key of `TrainConfig` for a model kind (tuple elements as ``key.0``)."""
-    return [key for key in _field_tree(kind) if not key.endswith(".*")]
-
-
-def _lookup(tree: Mapping[str, Any], key: str) -> Any:
-    if key in tree:
-        return tree[key]
-    prefix, _, last = key.rpartition(".")
-    return tree.get(f"{prefix}.*") if last.isdigit() else None
-
-
-def _check_key(tree: Mapping[str, Any], key: str, field: str) -> None:
-    if _lookup(tree, key) is not None:
-        return
-    keys = [k for k in tree if not k.endswith(".*")]
-    close = difflib.get_close_matches(key, keys, n=1, cutoff=0.6)
-    hint = f" (did you mean {close[0]}?)" if close else ""
-    raise StudyError(f"{field}: not a trainer config key{hint}")
-
-
-def space_limits(study: StudyConfig) -> dict[str, Limits]:
-    """Each numeric search parameter's hard trainer bounds, e.g. optimizer.lr: (0, None, open)."""
-    tree = _field_tree(_model_kind(_resolved_raw(study, {})))
-    limits: dict[str, Limits] = {}
-    for name, spec in study.space.items():
-        if spec.type == "categorical":
-            continue
-        found = _lookup(tree, name)
-        low: float | None = None
-        high: float | None = None
-        low_open = high_open = False
-        for item in found[1] if found else []:
-            if getattr(item, "gt", None) is not None:
-                low, low_open = float(item.gt), True
-            if getattr(item, "ge", None) is not None:
-                low, low_open = float(item.ge), False
-            if getattr(item, "lt", None) is not None:
-                high, high_open = float(item.lt), True
-            if getattr(item, "le", None) is not None:
-                high, high_open = float(item.le), False
-        limits[name] = Limits(low, high, low_open, high_open)
-    return limits
 
 
 def declared_limits(space: Mapping[str, ParamSpec]) -> dict[str, Limits]:
@@ -1068,174 +859,3 @@ def declared_limits(space: Mapping[str, ParamSpec]) -> dict[str, Limits]:
     return {
         name: Limits(*spec.bounds) for name, spec in space.items() if spec.type != "categorical"
     }
-
-
-def _with_values(raw: dict[str, Any], values: Mapping[str, Any], field: str) -> dict[str, Any]:
-    """`raw` with dotted keys set through the trainer's own override mechanism; a numeric last
-    segment replaces one element of the tuple or list already there."""
-    from trainer.config import apply_overrides
-
-    result: dict[str, Any] = json.loads(json.dumps(raw, default=str))
-    plain: dict[str, Any] = {}
-    for key, value in values.items():
-        prefix, _, last = key.rpartition(".")
-        if not (prefix and last.isdigit()):
-            plain[key] = value
-            continue
-        node: Any = result
-        for part in prefix.split("."):
-            node = node.get(part) if isinstance(node, dict) else None
-        current = plain.get(prefix, node)
-        if not isinstance(current, list | tuple) or int(last) >= len(current):
-            size = len(current) if isinstance(current, list | tuple) else 0
-            raise StudyError(
-                f"{field}.{key}: {prefix} has {size or 'no'} elements in the base config; set "
-                f"the whole {prefix} there or in overrides, then search one element"
-            )
-        items = list(current)
-        items[int(last)] = value
-        plain[prefix] = items
-    items_text = [f"{key}={json.dumps(value, default=str)}" for key, value in plain.items()]
-    return apply_overrides(result, items_text)
-
-
-def _resolved_raw(
-    study: StudyConfig, params: Mapping[str, Any], stage: StageSpec | None = None
-) -> dict[str, Any]:
-    """Base + study overrides + `stage`'s overrides + `params`, as a raw dict (not validated
-    yet)."""
-    from trainer.errors import ConfigError
-
-    field = "overrides"
-    try:
-        raw = _with_values(study.base_raw(), study.overrides, field)
-        if stage is not None and stage.overrides:
-            field = f"stages.{stage.name}.overrides"
-            raw = _with_values(raw, stage.overrides, field)
-        field = "space"
-        return _with_values(raw, params, field) if params else raw
-    except StudyError:
-        raise
-    except ConfigError as error:
-        raise StudyError(f"{field}: {error}") from None
-
-
-def check_trainer_keys(study: StudyConfig) -> None:
-    """Every override and search key must be a trainer key, and every value at the ends of
-    each range (each choice) must give a valid TrainConfig. Raises StudyError naming it."""
-    from trainer.config import parse_config
-    from trainer.errors import ConfigError
-
-    base_name = study.base.name if study.base is not None else "(none)"
-    try:
-        parse_config(study.base_raw())
-    except StudyError:
-        raise
-    except ConfigError as error:
-        raise StudyError(f"base: {base_name}: {error}") from None
-    kind = _model_kind({**study.base_raw(), **_nested(study.overrides)})
-    tree = _field_tree(kind)
-    for key in study.overrides:
-        _check_key(tree, key, f"overrides.{key}")
-    try:
-        parse_config(_resolved_raw(study, {}))
-    except ConfigError as error:
-        raise StudyError(f"overrides: with base {base_name}: {error}") from None
-    for name in study.space:
-        _check_key(tree, name, f"space.{name}")
-    for name, spec in study.space.items():
-        # an active conditional parameter comes with its condition's values
-        context = _condition_values(study.space, name)
-        values = spec.choices if spec.type == "categorical" else list(spec.bounds)
-        for value in values or []:
-            try:
-                parse_config(_resolved_raw(study, {**context, name: value}))
-            except StudyError:
-                raise
-            except ConfigError as error:
-                raise StudyError(
-                    f"space.{name}: {value!r} is not a valid trainer value ({error})"
-                ) from None
-    for stage in study.stages:
-        field = f"stages.{stage.name}.overrides"
-        for key in stage.overrides:
-            _check_key(tree, key, f"{field}.{key}")
-        try:
-            config = parse_config(_resolved_raw(study, {}, stage))
-        except ConfigError as error:
-            raise StudyError(f"{field}: with base {base_name}: {error}") from None
-        try:
-            budget_steps(config, stage.budget)
-        except StudyError as error:
-            raise StudyError(f"stages.{stage.name}.budget.{error}") from None
-
-
-def _nested(flat: Mapping[str, Any]) -> dict[str, Any]:
-    """Only what `_model_kind` needs: a flat ``model.kind`` override as a nested mapping."""
-    return {"model": {"kind": flat["model.kind"]}} if "model.kind" in flat else {}
-
-
-def _condition_values(space: Mapping[str, ParamSpec], name: str) -> dict[str, Any]:
-    values: dict[str, Any] = {}
-    for target, allowed in (space[name].condition or {}).items():
-        values.update(_condition_values(space, target))
-        values[target] = allowed[0]
-    return values
-
-
-def tokens_per_step(config: TrainConfig) -> int:
-    """Tokens one optimiser step consumes (examples for image classifiers)."""
-    # the same count as trainer.data's tokens_per_batch, without opening the data
-    per_batch = config.data.batch_size
-    if config.data.kind != "digits":
-        per_batch *= config.data.block_size
-    return per_batch * config.grad_accum_steps
-
-
-def budget_steps(config: TrainConfig, budget: BudgetSpec) -> int:
-    """Optimiser steps a budget buys under `config`."""
-    if budget.steps is not None:
-        return budget.steps
-    if budget.tokens is not None:
-        per_step: float = tokens_per_step(config)
-        key, value, unit = "tokens", float(budget.tokens), "tokens"
-    else:
-        from trainer.rundir import flops_per_step
-
-        assert budget.flops is not None
-        per_step = flops_per_step(config)
-        key, value, unit = "flops", budget.flops, "FLOPs"
-    if value < per_step:
-        raise StudyError(
-            f"{key}: {value:.4g} is less than one step ({per_step:.4g} {unit} per step); "
-            "raise it or use steps"
-        )
-    return int(value // per_step)
-
-
-def trial_config(study: StudyConfig, params: Mapping[str, Any], stage: StageSpec) -> TrainConfig:
-    """The TrainConfig of one trial of `stage`: base + study overrides + the stage's overrides
-    + sampled `params` + the stage's budget.
-
-    Steps come from the budget (tokens or FLOPs divided by the trial's own tokens or FLOPs per
-    step, so a searched batch or model size changes them). The study's tracking URI, when set,
-    goes to `tracking`. The seed stays the base config's: every trial sees the same data order
-    and initialisation.
-    """
-    from trainer.config import parse_config
-    from trainer.errors import ConfigError
-
-    budget = stage.budget
-    try:
-        config = parse_config(_resolved_raw(study, params, stage))
-    except StudyError:
-        raise
-    except ConfigError as error:
-        raise StudyError(f"space: {error}") from None
-    # both updates are already valid values: no need to validate the whole config again
-    update: dict[str, Any] = {"steps": budget_steps(config, budget)}
-    if not study.mlflow:
-        update["tracking"] = config.tracking.model_copy(update={"enabled": False})
-    elif study.tracking_uri is not None:
-        update["tracking"] = config.tracking.model_copy(update={"tracking_uri": study.tracking_uri})
-    return config.model_copy(update=update)

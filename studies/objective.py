@@ -101,7 +101,7 @@ def run_trial(
     metric = study.objective.metric
     intermediate: list[tuple[int, float]] = []
     try:
-        from studies.config import trial_config
+        from studies.trainer_config import trial_config
         from trainer.loop import train
 
         config = _with_study_tracking(study, trial_config(study, params, stage))

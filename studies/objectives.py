@@ -94,10 +94,10 @@ class TrainerObjective:
     kind = "trainer"
 
     def check(self, study: StudyConfig) -> None:
-        """Nothing more: `studies.config.load_study` checked every trainer key and value."""
+        """Nothing more: `studies.study_file.load_study` checked every trainer key and value."""
 
     def stage_steps(self, study: StudyConfig, stage: StageSpec) -> tuple[int, int]:
-        from studies.config import budget_steps, trial_config
+        from studies.trainer_config import budget_steps, trial_config
 
         config = trial_config(study, {}, stage)
         steps = budget_steps(config, stage.budget)

@@ -132,8 +132,9 @@ def _stage_space(
     study: StudyConfig, index: int, previous: StageReport | None
 ) -> tuple[dict[str, ParamSpec], list[dict[str, Any]], list[str]]:
     """(space, warm starts, notes) of a stage started now."""
-    from studies.config import declared_limits, space_limits
+    from studies.config import declared_limits
     from studies.stages import narrow_space
+    from studies.trainer_config import space_limits
 
     stage = study.stages[index]
     if previous is None:

@@ -14,7 +14,7 @@ Narrowing one numeric parameter (in log space for log parameters):
    failed) tried beyond it, or to the old bound if none was.
 3. The best within `edge_margin` of an old bound? The optimum may lie past it: the range grows
    `widen` times, the extra past that bound.
-4. Clip to the trainer field's hard limits (`studies.config.space_limits`), never invert.
+4. Clip to the trainer field's hard limits (`studies.trainer_config.space_limits`), never invert.
 
 Optuna is imported inside the functions, so importing this module is cheap.
 """
@@ -28,14 +28,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from studies.config import (
-    Direction,
-    Limits,
-    NarrowSpec,
-    ParamSpec,
-    PrunerSpec,
-    condition_order,
-)
+from studies.config import Direction, Limits, NarrowSpec, ParamSpec, PrunerSpec, condition_order
 from studies.errors import StudyError
 from studies.space import active_params, optuna_distributions
 

@@ -24,7 +24,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from studies.config import StudyConfig, load_study, mask_password
+from studies.config import StudyConfig, mask_password
 from studies.records import (
     NullView,
     StageCounts,
@@ -35,6 +35,7 @@ from studies.records import (
     count_trials,
     study_ranking,
 )
+from studies.study_file import load_study
 
 if TYPE_CHECKING:
     from studies.mlflow_study import StudyTracker
@@ -105,7 +106,7 @@ def tracking_enabled(study: StudyConfig) -> bool:
     config too (``tracking.enabled``)."""
     if not study.mlflow or not study.is_trainer:
         return study.mlflow
-    from studies.config import trial_config
+    from studies.trainer_config import trial_config
 
     return bool(trial_config(study, {}, study.stages[0]).tracking.enabled)
 
@@ -369,7 +370,7 @@ def _best_config_yaml(
             raise FileNotFoundError("the trial has no folder")
         text = config_path.read_text()
     except OSError:
-        from studies.config import trial_config
+        from studies.trainer_config import trial_config
 
         spec = next(s for s in study.stages if s.name == best["stage"])
         config = trial_config(study, best["params"], spec)

@@ -56,12 +56,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from studies.config import (
-    Direction,
-    StageSpec,
-    StudyConfig,
-    mask_password,
-)
+from studies.config import Direction, StageSpec, StudyConfig, mask_password
 from studies.errors import StudyError
 from studies.objective import TrialOutcome, trial_dir, trial_run_id
 from studies.objectives import call_trial

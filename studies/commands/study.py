@@ -97,7 +97,7 @@ def run(args: argparse.Namespace) -> int:
     name, storage = args.name, args.storage
     runs_dir = Path(args.runs_dir)
     if name.endswith((".yaml", ".yml")):  # a study file: its name, backend and storage
-        from studies.config import load_study
+        from studies.study_file import load_study
 
         study = load_study(name)
         name, storage = study.name, storage or study.resolved_storage(runs_dir)

@@ -18,9 +18,10 @@ import pytest
 import yaml
 
 from studies.backends import BACKENDS, load_stage_reports
-from studies.config import NarrowSpec, load_study
+from studies.config import NarrowSpec
 from studies.records import StageReport
 from studies.stages import narrow_space
+from studies.study_file import load_study
 from studies.sweep import run_sweep_reports
 
 HERE = Path(__file__).resolve().parent

@@ -13,9 +13,11 @@ import yaml
 from tiny_study import TINY_BASE
 
 from studies.cli import main
-from studies.config import ParamSpec, StudyConfig, load_study, trial_config
+from studies.config import ParamSpec, StudyConfig
 from studies.errors import StudyError
 from studies.records import StageCounts, StageReport, study_ranking, trial_record
+from studies.study_file import load_study
+from studies.trainer_config import trial_config
 from trainer.config import parse_config
 from trainer.rundir import flops_per_step
 

@@ -22,11 +22,13 @@ import optuna
 import pytest
 import yaml
 
-from studies.config import StudyConfig, load_study, trial_config
+from studies.config import StudyConfig
 from studies.errors import StudyError
 from studies.mlflow_study import PARENT_FILE, StudyTracker, check_tracking_uri
 from studies.objective import TrialOutcome
+from studies.study_file import load_study
 from studies.study_plots import PLOT_NAMES, param_importances, study_plots
+from studies.trainer_config import trial_config
 from trainer.config import load_config
 from trainer.tracking import Tracker
 

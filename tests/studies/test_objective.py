@@ -12,8 +12,9 @@ import torch
 import yaml
 from tiny_study import TINY_BASE
 
-from studies.config import StudyConfig, load_study
+from studies.config import StudyConfig
 from studies.objective import OUT_OF_MEMORY, TrialOutcome, run_trial
+from studies.study_file import load_study
 
 
 def tiny_study(tmp_path: Path, **fields: Any) -> StudyConfig:

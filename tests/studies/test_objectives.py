@@ -10,7 +10,6 @@ from typing import Any
 import pytest
 import yaml
 
-from studies.config import load_study
 from studies.errors import StudyError
 from studies.objectives import (
     CallableObjective,
@@ -19,6 +18,7 @@ from studies.objectives import (
     import_callable,
     objective_for,
 )
+from studies.study_file import load_study
 from studies.sweep import preflight, run_study
 
 MODULE = """

@@ -30,9 +30,10 @@ from studies.backends.optuna import (
     run_optuna,
     trial_record,
 )
-from studies.config import StudyConfig, load_study, mask_password
+from studies.config import StudyConfig, mask_password
 from studies.errors import StudyError
 from studies.objective import TrialOutcome, run_trial
+from studies.study_file import load_study
 from studies.sweep import run_sweep
 
 REPO = Path(__file__).resolve().parents[2]

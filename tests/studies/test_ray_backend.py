@@ -26,9 +26,10 @@ import yaml
 from studies.backends.ray.adapters import make_scheduler
 from studies.backends.ray.records import LOST_ERROR, NUMBER_KEY, TuneTrial, trial_record
 from studies.backends.ray.runner import check_ray_address, run_ray, trial_resources
-from studies.config import PrunerSpec, StudyConfig, load_study
+from studies.config import PrunerSpec, StudyConfig
 from studies.errors import StudyError
 from studies.objective import TrialOutcome, run_trial, trial_dir
+from studies.study_file import load_study
 
 REPO = Path(__file__).resolve().parents[2]
 HERE = Path(__file__).resolve().parent
@@ -396,7 +397,7 @@ import sys
 from pathlib import Path
 
 from sleepy import sleepy_trial
-from studies.config import load_study
+from studies.study_file import load_study
 from studies.backends.ray.runner import run_ray
 
 study = load_study(sys.argv[1])

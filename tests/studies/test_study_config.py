@@ -13,18 +13,10 @@ from typing import Any
 import pytest
 import yaml
 
-from studies.config import (
-    BudgetSpec,
-    ParamSpec,
-    StageSpec,
-    StudyConfig,
-    load_study,
-    mask_password,
-    space_limits,
-    trainer_keys,
-    trial_config,
-)
+from studies.config import BudgetSpec, ParamSpec, StageSpec, StudyConfig, mask_password
 from studies.errors import StudyError
+from studies.study_file import load_study
+from studies.trainer_config import space_limits, trainer_keys, trial_config
 from trainer.errors import ConfigError
 from trainer.models import GPTConfig
 

@@ -27,10 +27,7 @@ from studies.backends.ray.records import (
     NUMBER_KEY,
     finite,
 )
-from studies.config import (
-    ParamSpec,
-    PrunerSpec,
-)
+from studies.config import ParamSpec, PrunerSpec
 
 if TYPE_CHECKING:
     pass

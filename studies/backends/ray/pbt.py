@@ -49,14 +49,11 @@ from studies.backends.ray.records import (
     one_line,
 )
 from studies.backends.ray.trial import EXPLOITED, TrialContext, TrialFn, end_interrupted_run
-from studies.config import (
-    ParamSpec,
-    StudyConfig,
-    trial_config,
-)
+from studies.config import ParamSpec, StudyConfig
 from studies.errors import StudyError
 from studies.objective import TrialOutcome, trial_dir
 from studies.objectives import stage_steps
+from studies.trainer_config import trial_config
 
 if TYPE_CHECKING:
     from trainer.loop import StepInfo

@@ -76,11 +76,7 @@ from studies.backends.ray.records import (
     write_meta,
 )
 from studies.backends.ray.trial import TrialContext, TrialFn, end_interrupted_run
-from studies.config import (
-    RayOptions,
-    StageSpec,
-    StudyConfig,
-)
+from studies.config import RayOptions, StageSpec, StudyConfig
 from studies.errors import StudyError
 from studies.objective import TrialOutcome
 from studies.objectives import call_trial

@@ -8,11 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from studies.config import (
-    ParamSpec,
-    StageSpec,
-    StudyConfig,
-)
+from studies.config import ParamSpec, StageSpec, StudyConfig
 from studies.objective import TrialOutcome, trial_dir, trial_run_id
 
 if TYPE_CHECKING:
