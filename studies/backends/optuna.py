@@ -95,6 +95,9 @@ __all__ = [
 HEARTBEAT_INTERVAL_S = 10
 GRACE_PERIOD_S = 60
 STAGE_ATTR = "scaleplan_stage"  # the stage's settings and space, on each stage's Optuna study
+OUTCOME_ATTR = (
+    "scaleplan_outcome"  # a trial's steps, tokens, FLOPs, seconds, out_dir, run id, budget
+)
 INTERRUPTED = "interrupted"
 SURPLUS = "surplus"
 CONNECT_TIMEOUT_S = 5.0
@@ -262,7 +265,8 @@ def _state(trial: FrozenTrial) -> tuple[Any, str | None]:
 def trial_record(trial: FrozenTrial, stage: str) -> TrialRecord:
     """An Optuna trial as the backend-independent `studies.records.TrialRecord`."""
 
-    attrs = trial.user_attrs
+    # studies written before the outcome attribute kept each number as its own attribute
+    attrs = {**trial.user_attrs, **trial.user_attrs.get(OUTCOME_ATTR, {})}
     state, reason = _state(trial)
     return make_record(
         number=trial.number,
@@ -638,7 +642,8 @@ def _run_one(ctx: _Stage, trial: optuna.Trial, params: dict[str, Any]) -> TrialO
 def _tell(ctx: _Stage, ostudy: optuna.Study, trial: optuna.Trial, outcome: TrialOutcome) -> None:
     from optuna.trial import TrialState
 
-    attrs: dict[str, Any] = {
+    # one attribute for the outcome's numbers: each set_user_attr is a storage write
+    result = {
         "steps": outcome.steps,
         "tokens": outcome.tokens,
         "flops": outcome.flops,
@@ -648,11 +653,9 @@ def _tell(ctx: _Stage, ostudy: optuna.Study, trial: optuna.Trial, outcome: Trial
         "run_id": outcome.run_id,
         "budget": ctx.spec.budget.as_written(),
     }
+    trial.set_user_attr(OUTCOME_ATTR, {k: v for k, v in result.items() if v is not None})
     if outcome.reason is not None:
-        attrs["reason"] = outcome.reason
-    for key, value in attrs.items():
-        if value is not None:
-            trial.set_user_attr(key, value)
+        trial.set_user_attr("reason", outcome.reason)
     if outcome.state == "complete" and outcome.value is not None and math.isfinite(outcome.value):
         ostudy.tell(trial, outcome.value)
     elif outcome.state == "pruned":

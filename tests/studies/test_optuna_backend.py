@@ -379,3 +379,26 @@ def test_a_sweep_on_postgresql(tmp_path: Path) -> None:
         assert [r.counts.finished for r in load_stage_reports(name, str(POSTGRES_URL))] == [3]
     finally:
         optuna.delete_study(study_name=f"{name}-coarse", storage=str(POSTGRES_URL))
+
+
+def test_a_trials_numbers_are_read_from_one_attribute_or_from_the_old_separate_ones() -> None:
+    from optuna.distributions import FloatDistribution
+    from optuna.trial import create_trial
+
+    numbers = {
+        "steps": 40,
+        "flops": 2.5e9,
+        "seconds": 0.7,
+        "run_id": "abc",
+        "budget": {"steps": 40},
+    }
+    for attrs in ({optuna_backend.OUTCOME_ATTR: numbers}, numbers):  # now, and before it
+        trial = create_trial(
+            value=1.5,
+            params={"x": 0.1},
+            distributions={"x": FloatDistribution(0.0, 1.0)},
+            user_attrs=attrs,
+        )
+        record = trial_record(trial, "coarse")
+        assert (record["steps"], record["flops"], record["run_id"]) == (40, 2.5e9, "abc")
+        assert record["budget"] == {"steps": 40} and record["state"] == "complete"
