@@ -94,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.ERROR)
-    print(f"# {' '.join([Path(sys.argv[0]).name, *(argv or sys.argv[1:])])}")
+    print(f"# {' '.join([Path(__file__).name, *(argv or sys.argv[1:])])}")
     print(
         f"# {dt.datetime.now().isoformat(timespec='seconds')}, {platform.node()}, "
         f"{platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}, "

@@ -37,6 +37,12 @@ goal: at most half of that baseline's budget.
     python benchmarks/search_efficiency.py --out /tmp/eff --report   # the tables again
     python benchmarks/search_efficiency.py --out /tmp/eff --rank-agreement 2.35
     python benchmarks/search_efficiency.py --out /tmp/eff --seed-noise
+    python benchmarks/search_efficiency.py --task branin learning-curve   # the example tasks
+
+``--task`` picks the tasks: ``quickstart`` (the default, this file's methods above) and the
+example objectives of studies/configs/examples (``branin``, ``learning-curve``: coarse-to-fine
+as shipped against one-stage TPE and random search at equal cost, regret of the best
+full-fidelity trial; benchmarks/example_tasks.py has their accounting, and runs them alone).
 
 ``--seed-noise`` retrains the configuration each finished run of ``--methods`` ended with under
 every trainer seed of ``--seeds``: how far the seed alone moves one configuration's final val
@@ -77,6 +83,7 @@ from studies.study_file import load_study  # noqa: E402
 REPO = Path(__file__).resolve().parents[1]
 QUICKSTART = REPO / "studies" / "configs" / "quickstart.yaml"
 BUDGET = 16 * 120 + 8 * 300  # trial-steps the quickstart's stages can spend
+EXAMPLE_TASKS = ("branin", "learning-curve")  # benchmarks/example_tasks.py
 TRIAL_STEPS = 300  # the baselines' trial budget: the quickstart's final stage's
 FIRST_EVAL = 20  # the quickstart's eval_every: the earliest step a pruner can stop a trial at
 QUICKSTART_STAGES: list[dict[str, Any]] = yaml.safe_load(QUICKSTART.read_text())["stages"]
@@ -566,7 +573,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2, 3, 4])
     parser.add_argument("--budget", type=int, default=BUDGET, help="trial-steps per method")
     parser.add_argument("--jobs", type=int, default=2, help="runs at once (default 2)")
-    parser.add_argument("--out", type=Path, required=True, help="folder for the runs")
+    parser.add_argument(
+        "--task",
+        nargs="+",
+        choices=["quickstart", *EXAMPLE_TASKS],
+        default=["quickstart"],
+        help="quickstart (default): the trainer; branin, learning-curve: the example objectives",
+    )
+    parser.add_argument("--out", type=Path, help="folder for the runs (quickstart: required)")
     parser.add_argument("--one", nargs=2, metavar=("METHOD", "SEED"), help=argparse.SUPPRESS)
     parser.add_argument("--report", action="store_true", help="only report the finished runs")
     parser.add_argument(
@@ -583,6 +597,16 @@ def main(argv: list[str] | None = None) -> int:
         "every seed of --seeds, and report what the seed alone changes",
     )
     args = parser.parse_args(argv)
+    examples = [task for task in args.task if task in EXAMPLE_TASKS]
+    if examples:
+        import example_tasks
+
+        seeds = [str(seed) for seed in args.seeds]
+        example_tasks.main(["--tasks", *examples, "--seeds", *seeds])
+        if "quickstart" not in args.task:
+            return 0
+    if args.out is None:
+        parser.error("--out: required for the quickstart task (a folder for the runs)")
     args.out.mkdir(parents=True, exist_ok=True)
 
     if args.one:
