@@ -31,6 +31,7 @@ from trainer.data import DataConfig
 from trainer.errors import ConfigError
 from trainer.models import CNNConfig, GPTConfig, MLPConfig, ModelConfig
 from trainer.optim import OptimizerConfig
+from trainer.parametrization import ParametrizationConfig, check_parametrization
 from trainer.schedules import ScheduleConfig
 
 __all__ = [
@@ -51,7 +52,7 @@ Device = Literal["auto", "cpu", "cuda"]
 MODEL_KINDS: dict[str, type[BaseModel]] = {"gpt": GPTConfig, "mlp": MLPConfig, "cnn": CNNConfig}
 _EXPONENT_NUMBER = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)[eE][+-]?\d+$")
 # sub-configs whose own checks write the whole line, field path first
-SELF_NAMING = ("model.", "data.", "optimizer.", "schedule.")
+SELF_NAMING = ("model.", "data.", "optimizer.", "schedule.", "parametrization.")
 
 # Fields that cannot change what a run computes: they may differ when a run is resumed.
 OPERATIONAL_FIELDS = (
@@ -206,6 +207,10 @@ class TrainConfig(BaseModel):
         default_factory=EarlyStoppingConfig, description="Stop on a validation-loss plateau."
     )
     model: ModelConfig = Field(default_factory=GPTConfig, description="Model (by `kind`).")
+    parametrization: ParametrizationConfig = Field(
+        default_factory=ParametrizationConfig,
+        description="sp or mup: how init, multipliers and per-group LRs scale with width/depth.",
+    )
     data: DataConfig = Field(default_factory=DataConfig, description="Data source and batches.")
     optimizer: OptimizerConfig = Field(
         default_factory=OptimizerConfig, description="Optimiser and weight decay."
@@ -249,6 +254,11 @@ class TrainConfig(BaseModel):
             self.data = self.data.model_copy(update={"block_size": self.model.block_size})
         else:
             self.model = self.model.model_copy(update={"block_size": self.data.block_size})
+        return self
+
+    @model_validator(mode="after")
+    def _parametrization_fits(self) -> TrainConfig:
+        check_parametrization(self.parametrization, self.model, self.optimizer)
         return self
 
     @property

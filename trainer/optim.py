@@ -44,6 +44,8 @@ __all__ = [
     "HybridOptimizer",
     "OptimizerConfig",
     "build_optimizer",
+    "embedding_ids",
+    "goes_to_muon",
     "needs_create_graph",
     "param_groups",
 ]
@@ -154,25 +156,27 @@ class OptimizerConfig(BaseModel):
 
 
 def param_groups(
-    model: nn.Module, config: OptimizerConfig, lr_scale: LrScale | None = None
+    model: nn.Module,
+    config: OptimizerConfig,
+    lr_scale: LrScale | None = None,
+    *,
+    independent_wd: bool = False,
 ) -> list[ParamGroup]:
     """Split trainable parameters into deterministic, named groups for `config`.
 
     Roles, in this order: "muon" (Muon only: 2-D hidden matrices), "decay", "no_decay" (see
     `config.no_decay_on`). Parameters of one role are split further by `lr_scale(name, param)`,
     the muP hook: each group's "lr" is its base lr times "lr_scale", applied once here, so a
-    schedule multiplies every group by the same factor. Groups keep model order, carry "name",
-    "lr", "lr_scale", "weight_decay" and "param_names", and empty groups are dropped.
+    schedule multiplies every group by the same factor. With `independent_wd` a group's weight
+    decay is divided by its scale, so that lr x weight_decay does not change (muP's independent
+    convention). Groups keep model order, carry "name", "lr", "lr_scale", "weight_decay" and
+    "param_names", and empty groups are dropped.
     """
-    embedding_ids = {
-        id(module.weight)
-        for module in model.modules()
-        if isinstance(module, nn.Embedding | nn.EmbeddingBag)
-    }
+    embeddings = embedding_ids(model)
     adamw_lr = (config.muon_adamw_lr or config.lr) if config.name == "muon" else config.lr
     groups: dict[tuple[str, float], ParamGroup] = {}
     for name, param, module in _named_parameters_with_module(model):
-        is_embedding = id(param) in embedding_ids
+        is_embedding = id(param) in embeddings
         role = _role(name, param, module, config, is_embedding)
         scale = 1.0 if lr_scale is None else float(lr_scale(name, param))
         if not (math.isfinite(scale) and scale > 0.0):
@@ -185,7 +189,9 @@ def param_groups(
                 "param_names": [],
                 "lr": (config.lr if role == "muon" else adamw_lr) * scale,
                 "lr_scale": scale,
-                "weight_decay": 0.0 if role == "no_decay" else config.weight_decay,
+                "weight_decay": 0.0
+                if role == "no_decay"
+                else config.weight_decay / (scale if independent_wd else 1.0),
             },
         )
         group["params"].append(param)
@@ -210,6 +216,28 @@ def _named_parameters_with_module(model: nn.Module) -> list[tuple[str, nn.Parame
     return found
 
 
+def embedding_ids(model: nn.Module) -> set[int]:
+    """ids of the weights of `model`'s embedding tables."""
+    return {
+        id(module.weight)
+        for module in model.modules()
+        if isinstance(module, nn.Embedding | nn.EmbeddingBag)
+    }
+
+
+def goes_to_muon(
+    name: str, param: nn.Parameter, config: OptimizerConfig, is_embedding: bool
+) -> bool:
+    """Whether Muon updates this parameter: 2-D hidden matrices only; embeddings and the
+    readout (`config.muon_exclude`) go to AdamW (Jordan 2024)."""
+    return (
+        config.name == "muon"
+        and param.ndim == 2
+        and not is_embedding
+        and not any(fnmatch(name, pattern) for pattern in config.muon_exclude)
+    )
+
+
 def _role(
     name: str, param: nn.Parameter, module: nn.Module, config: OptimizerConfig, is_embedding: bool
 ) -> str:
@@ -220,13 +248,7 @@ def _role(
         or ("embedding" in rules and is_embedding)
         or ("1d" in rules and param.ndim < 2)
     )
-    # Muon is for hidden matrices only; embeddings and the readout go to AdamW (Jordan 2024).
-    hidden_matrix = (
-        param.ndim == 2
-        and not is_embedding
-        and not any(fnmatch(name, pattern) for pattern in config.muon_exclude)
-    )
-    if config.name == "muon" and hidden_matrix:
+    if goes_to_muon(name, param, config, is_embedding):
         return "muon"
     return "no_decay" if no_decay else "decay"
 
@@ -476,9 +498,14 @@ _SPECS: dict[str, _Spec] = {
 
 
 def build_optimizer(
-    model: nn.Module, config: OptimizerConfig, lr_scale: LrScale | None = None
+    model: nn.Module,
+    config: OptimizerConfig,
+    lr_scale: LrScale | None = None,
+    *,
+    independent_wd: bool = False,
 ) -> torch.optim.Optimizer:
-    """Build the optimiser named by `config` over `param_groups(model, config, lr_scale)`.
+    """Build the optimiser named by `config` over `param_groups(model, config, lr_scale,
+    independent_wd=...)`.
 
     Weight decay in a mode the optimiser does not implement itself (e.g. decoupled SGD, L2
     Adafactor) is applied by a step pre-hook before the update, from the group's
@@ -493,7 +520,7 @@ def build_optimizer(
             f"{config.name!r}; supported by: {', '.join(supported)}"
         )
     mode = config.weight_decay_mode or spec.default_mode
-    groups = param_groups(model, config, lr_scale)
+    groups = param_groups(model, config, lr_scale, independent_wd=independent_wd)
     manual = mode not in spec.native_modes
     for group in groups:
         group["weight_decay_mode"] = mode

@@ -42,6 +42,7 @@ from trainer.diagnostics import flops_per_token, peak_flops
 from trainer.errors import ConfigError
 from trainer.models import build_model
 from trainer.optim import build_optimizer
+from trainer.parametrization import parametrize
 from trainer.precision import Precision, build_precision, resolve_device
 from trainer.reproducibility import rng_state, run_provenance, seed_everything
 from trainer.schedules import build_scheduler
@@ -196,10 +197,17 @@ def build_run(
         num_classes=data.num_classes,
         seed=config.seed,
     ).to(device)
+    # the model pipeline: build -> parametrize -> precision -> optimiser -> (state) -> compile
+    parametrized = parametrize(raw_model, config.parametrization, config.optimizer)
     example = data.val_batches(1)[0][0].to(device)
     per_token = flops_per_token(raw_model, example, config.data.block_size)
     raw_model = precision.prepare(raw_model)
-    optimizer = build_optimizer(raw_model, config.optimizer)
+    optimizer = build_optimizer(
+        raw_model,
+        config.optimizer,
+        parametrized.lr_scale,
+        independent_wd=parametrized.independent_wd,
+    )
     scheduler = build_scheduler(optimizer, config.schedule, config.steps)
     state = LoopState()
     if saved is not None:

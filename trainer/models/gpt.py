@@ -6,8 +6,8 @@ Parameter names tell muP code what each matrix is (see `GPT.parameter_roles`):
 matrices (the two ``c_proj`` write into the residual stream), ``lm_head`` is the readout.
 
 Forward multipliers, all neutral by default, are plain attributes for trainer.parametrization
-to set: ``GPT.embedding_multiplier``, ``GPT.logit_multiplier`` and ``CausalSelfAttention.scale``
-(None = 1/sqrt(head_dim); muP uses 1/head_dim).
+to set: ``GPT.embedding_multiplier``, ``GPT.logit_multiplier``, ``CausalSelfAttention.scale``
+(None = 1/sqrt(head_dim); muP uses 1/head_dim) and ``Block.residual_multiplier`` (depth scaling).
 """
 
 from __future__ import annotations
@@ -170,16 +170,20 @@ class Block(nn.Module):
         self.attn = CausalSelfAttention(config)
         self.ln_2 = make_norm(config.norm, config.d_model, config.bias)
         self.mlp = FeedForward(config)
+        self.residual_multiplier = 1.0  # each branch's output x this (depth scaling)
+
+    def _branch(self, y: torch.Tensor) -> torch.Tensor:
+        return y if self.residual_multiplier == 1.0 else y * self.residual_multiplier
 
     def forward(
         self, x: torch.Tensor, rotary: tuple[torch.Tensor, torch.Tensor] | None = None
     ) -> torch.Tensor:
         if self.pre_norm:
-            x = x + self.attn(self.ln_1(x), rotary)
-            x = x + self.mlp(self.ln_2(x))
+            x = x + self._branch(self.attn(self.ln_1(x), rotary))
+            x = x + self._branch(self.mlp(self.ln_2(x)))
         else:
-            x = self.ln_1(x + self.attn(x, rotary))
-            x = self.ln_2(x + self.mlp(x))
+            x = self.ln_1(x + self._branch(self.attn(x, rotary)))
+            x = self.ln_2(x + self._branch(self.mlp(x)))
         return x
 
 

@@ -1,7 +1,8 @@
 """A multilayer perceptron classifier: the smallest model whose width and depth a study can vary.
 
 Parameter names: ``input_layer.linear`` (input role), ``hidden_layers.{i}.linear`` (hidden),
-``readout`` (readout). ``MLP.logit_multiplier`` is a forward multiplier for muP (1.0 in SP).
+``readout`` (readout). ``MLP.logit_multiplier`` and ``MLP.residual_multiplier`` (each skip
+branch's output x this) are forward multipliers for muP and depth scaling (1.0 in SP).
 """
 
 from __future__ import annotations
@@ -92,6 +93,7 @@ class MLP(nn.Module):
             raise ValueError("MLPConfig needs input_dim and output_dim; use build_model")
         self.config = config
         self.logit_multiplier = 1.0
+        self.residual_multiplier = 1.0
         self.input_layer = DenseLayer(config.input_dim, config)
         self.hidden_layers = nn.ModuleList(
             DenseLayer(config.width, config) for _ in range(config.depth - 1)
@@ -131,7 +133,12 @@ class MLP(nn.Module):
         """Logits (B, classes); mean cross-entropy against class ids (B,) when given."""
         h = self.input_layer(x.flatten(1))
         for layer in self.hidden_layers:
-            h = h + layer(h) if self.config.residual else layer(h)
+            if not self.config.residual:
+                h = layer(h)
+            elif self.residual_multiplier == 1.0:
+                h = h + layer(h)
+            else:
+                h = h + self.residual_multiplier * layer(h)
         logits = self.readout(h)
         if self.logit_multiplier != 1.0:
             logits = logits * self.logit_multiplier
