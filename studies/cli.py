@@ -38,6 +38,19 @@ def key_value(text: str) -> tuple[str, str]:
     return key, value
 
 
+def add_set_option(parser: argparse.ArgumentParser, help_text: str) -> None:
+    """``--set KEY=VALUE ...``, repeatable, into ``args.overrides``."""
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="extend",
+        nargs="+",
+        default=[],
+        metavar="KEY=VALUE",
+        help=help_text,
+    )
+
+
 # Subcommand name -> (module, one-line help). Each module has `add_arguments(parser)` and
 # `run(args) -> int`; it is imported only to build its own parser or to run.
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -48,6 +61,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("studies.commands.train", "Train one model from a YAML config (--set to override)."),
     "sweep": ("studies.commands.sweep", "Run a coarse-to-fine hyperparameter sweep (study YAML)."),
     "study": ("studies.commands.study", "Show, pick the best of, or export an existing study."),
+    "coord-check": (
+        "studies.commands.coord_check",
+        "muP's coordinate check: activation sizes across widths, SP vs muP.",
+    ),
 }
 
 

@@ -14,7 +14,9 @@ readout       zero (``zero_readout``) 1/m                  x 1           x m
 vector        unchanged               1                    x 1           x m (width-sized)
 ============  ======================  ===================  ============  ==============
 
-Attention logits are scaled by ``sqrt(base_head_dim) / head_dim`` (1/head_dim up to a constant
+The readout's multiplier scales its input, not its bias (as the `mup` package's MuReadout does: a
+bias divided by m would vanish with width; the coordinate check caught this). Attention logits
+are scaled by ``sqrt(base_head_dim) / head_dim`` (1/head_dim up to a constant
 that makes it 1/sqrt(head_dim) at the base width). The fan-in schemes (``he``, ``lecun``,
 ``xavier``, ``orthogonal``) already give hidden weights variance ~ 1/fan_in and are left as they
 are. Muon's hidden matrices follow the spectral condition of Yang, Simon and Bernstein 2023 ("A

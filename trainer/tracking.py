@@ -578,7 +578,7 @@ def plot_run(run_dir: Path) -> list[Path]:
         ax.set(xlabel="step", ylabel="loss", title="Loss")
         ax.legend()
         ax.grid(alpha=0.3)
-        written.append(_save_png(fig, out_dir / "loss.png"))
+        written.append(save_png(fig, out_dir / "loss.png"))
     if grad_norm[0]:
         fig = Figure(figsize=(7, 4.5), layout="constrained")
         ax = fig.add_subplot()
@@ -592,11 +592,11 @@ def plot_run(run_dir: Path) -> list[Path]:
         ax.set(xlabel="step", ylabel="grad norm", title="Gradient norm")
         ax.legend()
         ax.grid(alpha=0.3, which="both")
-        written.append(_save_png(fig, out_dir / "grad_norm.png"))
+        written.append(save_png(fig, out_dir / "grad_norm.png"))
     return written
 
 
-def _save_png(fig: Any, path: Path) -> Path:
+def save_png(fig: Any, path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".png")
     os.close(fd)

@@ -142,6 +142,7 @@ def print_table(
         caption=Text(caption) if caption else None,
         title_justify="left",
         caption_justify="left",
+        min_width=len(title) if title else None,  # a title wider than the table stays one line
     )
     for i, column in enumerate(columns):
         table.add_column(column, justify="left" if i == 0 else "right")

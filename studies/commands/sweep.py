@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from studies.backends import BACKENDS
+from studies.cli import add_set_option
 from studies.commands import output
 
 if TYPE_CHECKING:
@@ -40,14 +41,9 @@ TRIALS_PER_IMPORTANCE = 5
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("study", metavar="STUDY.yaml", help="study file (YAML)")
-    parser.add_argument(
-        "--set",
-        dest="overrides",
-        action="extend",
-        nargs="+",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a study field by its dotted path, value in YAML (e.g. "
+    add_set_option(
+        parser,
+        "override a study field by its dotted path, value in YAML (e.g. "
         "stages.coarse.trials=8 space.optimizer.lr.high=1e-2 overrides.model.n_layer=4)",
     )
     parser.add_argument(

@@ -11,6 +11,7 @@ import argparse
 import sys
 from typing import TYPE_CHECKING, Any
 
+from studies.cli import add_set_option
 from studies.commands import output
 
 if TYPE_CHECKING:
@@ -23,14 +24,9 @@ EXIT_NONFINITE = 1
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("config", metavar="CONFIG.yaml", help="training config (YAML)")
-    parser.add_argument(
-        "--set",
-        dest="overrides",
-        action="extend",
-        nargs="+",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a field by its dotted path, value in YAML (e.g. optimizer.lr=3e-4 "
+    add_set_option(
+        parser,
+        "override a field by its dotted path, value in YAML (e.g. optimizer.lr=3e-4 "
         "model.n_layer=4); repeatable",
     )
     parser.add_argument(

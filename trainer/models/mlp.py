@@ -1,8 +1,9 @@
 """A multilayer perceptron classifier: the smallest model whose width and depth a study can vary.
 
 Parameter names: ``input_layer.linear`` (input role), ``hidden_layers.{i}.linear`` (hidden),
-``readout`` (readout). ``MLP.logit_multiplier`` and ``MLP.residual_multiplier`` (each skip
-branch's output x this) are forward multipliers for muP and depth scaling (1.0 in SP).
+``readout`` (readout). ``MLP.logit_multiplier`` (on the readout's input, so not on its bias) and
+``MLP.residual_multiplier`` (each skip branch's output x this) are forward multipliers for muP
+and depth scaling (1.0 in SP).
 """
 
 from __future__ import annotations
@@ -139,9 +140,9 @@ class MLP(nn.Module):
                 h = h + layer(h)
             else:
                 h = h + self.residual_multiplier * layer(h)
+        if self.logit_multiplier != 1.0:  # on the readout's input: its bias is not scaled
+            h = h * self.logit_multiplier
         logits = self.readout(h)
-        if self.logit_multiplier != 1.0:
-            logits = logits * self.logit_multiplier
         if targets is None:
             return logits, None
         return logits, F.cross_entropy(logits, targets, label_smoothing=label_smoothing)
