@@ -61,6 +61,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("studies.commands.train", "Train one model from a YAML config (--set to override)."),
     "sweep": ("studies.commands.sweep", "Run a coarse-to-fine hyperparameter sweep (study YAML)."),
     "study": ("studies.commands.study", "Show, pick the best of, or export an existing study."),
+    "transfer-check": (
+        "studies.commands.transfer_check",
+        "LR sweeps at several widths under SP and muP: does the optimum move?",
+    ),
     "coord-check": (
         "studies.commands.coord_check",
         "muP's coordinate check: activation sizes across widths, SP vs muP.",

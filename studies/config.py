@@ -396,6 +396,13 @@ class StageSpec(BaseModel):
         description="Derive this stage's space from the previous stage's best trials; None: "
         "the previous stage's space unchanged. Not allowed on the first stage.",
     )
+    seed: int | None = Field(
+        default=None,
+        ge=0,
+        le=2**31 - 1,
+        description="This stage's sampler seed; None: the study's seed + the stage's index. "
+        "Stages with one seed and one space draw the same points (e.g. one LR grid per width).",
+    )
 
 
 class ObjectiveSpec(BaseModel):

@@ -8,8 +8,8 @@
   it is a callable);
 - the trials it starts from: the best earlier trials that lie inside the new space (warm starts,
   at most the stage's trial count), measured again at this stage's budget;
-- its sampler's seed (the study's + the stage's index) and start-up trials (a fine stage is
-  short: TPE and GP take over after half of it, at most 10);
+- its sampler's seed (the stage's own, else the study's + the stage's index) and start-up trials
+  (a fine stage is short: TPE and GP take over after half of it, at most 10);
 - its pruner's resource: the steps a trial reports up to and its first report's step;
 - the settings its storage keeps (`StagePlan.meta`), so that a resumed sweep, every worker and
   ``scaleplan study show`` use the same space; a stage resumed from storage must be the one the
@@ -90,7 +90,7 @@ def plan_stage(
     common: dict[str, Any] = {
         "index": index,
         "stage": stage,
-        "sampler_seed": study.seed + index,
+        "sampler_seed": study.seed + index if stage.seed is None else stage.seed,
         "startup_trials": startup_trials(stage),
         "budget_steps": steps,
         "first_eval_step": first_eval,
