@@ -65,6 +65,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "studies.commands.transfer_check",
         "LR sweeps at several widths under SP and muP: does the optimum move?",
     ),
+    "transfer": (
+        "studies.commands.transfer",
+        "The wide model's config from a tuned muP proxy (width, depth, horizon).",
+    ),
     "coord-check": (
         "studies.commands.coord_check",
         "muP's coordinate check: activation sizes across widths, SP vs muP.",

@@ -62,6 +62,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "BudgetSpec",
+    "HorizonSpec",
     "Limits",
     "NarrowSpec",
     "ObjectiveSpec",
@@ -368,6 +369,20 @@ class NarrowSpec(BaseModel):
         return self
 
 
+class HorizonSpec(BaseModel):
+    """Move a stage's range of one key (the LR) to its horizon: ``log lr* = a - b log T``
+    (Bjorck et al. 2024), ``b`` given or fitted from the earlier stages' optima."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    key: str = Field(default="optimizer.lr", description="The searched key moved (log range).")
+    b: float | None = Field(
+        default=None,
+        description="The law's exponent; None: fitted from the optimum of each earlier stage, "
+        "at two or more different horizons (steps).",
+    )
+
+
 class StageSpec(BaseModel):
     """One stage of a sweep: a sampler, a number of trials, a per-trial budget, a pruner, and
     optionally the trainer settings its trials change (a proxy stage)."""
@@ -402,6 +417,11 @@ class StageSpec(BaseModel):
         le=2**31 - 1,
         description="This stage's sampler seed; None: the study's seed + the stage's index. "
         "Stages with one seed and one space draw the same points (e.g. one LR grid per width).",
+    )
+    horizon: HorizonSpec | None = Field(
+        default=None,
+        description="Shift the range of horizon.key from the stage before's horizon to this "
+        "one's along the horizon law (after narrowing). Not allowed on the first stage.",
     )
 
 
@@ -569,6 +589,9 @@ class StudyConfig(BaseModel):
                 f"stages.{names[0]}.narrow: stage '{names[0]}' is the first; there is no earlier "
                 "stage to narrow from"
             )
+        for i, stage in enumerate(self.stages):
+            if stage.horizon is not None:
+                self._check_horizon(i, stage.name, stage.horizon)
         if self.backend not in BACKENDS:
             raise StudyError(f"backend: '{self.backend}' is not one of: {', '.join(BACKENDS)}")
         pruners = backend_info(self.backend).pruners
@@ -593,6 +616,24 @@ class StudyConfig(BaseModel):
         _check_location("storage", self.storage, _storage_schemes(self.backend))
         _check_location("tracking_uri", self.tracking_uri, TRACKING_SCHEMES)
         return self
+
+    def _check_horizon(self, index: int, name: str, horizon: HorizonSpec) -> None:
+        where = f"stages.{name}.horizon"
+        if index == 0:
+            raise StudyError(
+                f"{where}: stage '{name}' is the first; no earlier horizon to move from"
+            )
+        spec = self.space.get(horizon.key)
+        if spec is None or spec.type != "float" or not spec.log:
+            raise StudyError(
+                f"{where}.key: '{horizon.key}' is not a searched log-scale float "
+                f"(space.{horizon.key} with log: true); the horizon law moves a learning rate"
+            )
+        if horizon.b is None and index < 2:
+            raise StudyError(
+                f"{where}.b: not given, and fitting it needs optima at two or more horizons: "
+                f"stage '{name}' has one stage before it; give b or add a stage"
+            )
 
     def _check_objective(self) -> None:
         """A trainer objective needs its base and trainer budgets; a callable neither."""

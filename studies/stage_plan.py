@@ -5,7 +5,9 @@
 - its space: the study's (the first stage), the stage before's unchanged (no ``narrow``), or
   narrowed from the stage before's trial records (`studies.stages.narrow_space`, clipped to the
   trainer's hard limits when the objective is the trainer, to the study's declared space when
-  it is a callable);
+  it is a callable); then, with ``horizon``, the LR's range moved from the stage before's
+  horizon to this one's along the horizon law (`studies.horizon`), given or fitted from the
+  optima of all earlier stages;
 - the trials it starts from: the best earlier trials that lie inside the new space (warm starts,
   at most the stage's trial count), measured again at this stage's budget;
 - its sampler's seed (the stage's own, else the study's + the stage's index) and start-up trials
@@ -20,7 +22,8 @@ The backends only translate a plan into their engine's calls.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import math
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -71,13 +74,13 @@ def startup_trials(stage: StageSpec) -> int | None:
 def plan_stage(
     study: StudyConfig,
     index: int,
-    previous: StageReport | None,
+    earlier: Sequence[StageReport],
     stored: Mapping[str, Any] | None = None,
     *,
     where: str = "",
     fixed_trials: bool = False,
 ) -> StagePlan:
-    """Stage `index` of `study`, after `previous` (None: the first stage).
+    """Stage `index` of `study`, after the `earlier` stages' reports (none: the first stage).
 
     `stored`: the settings the backend's storage already keeps for this stage (a resumed
     sweep), checked against the study file (`where` names the storage in the message;
@@ -105,7 +108,9 @@ def plan_stage(
             resumed=True,
             **common,
         )
-    space, warm, notes = _stage_space(study, index, previous)
+    space, warm, notes = _stage_space(study, index, earlier[-1] if earlier else None)
+    if stage.horizon is not None and earlier:
+        _move_to_horizon(study, index, earlier, steps, space, warm, notes)
     direction = study.objective.direction or "minimize"
     meta = {
         "index": index,
@@ -147,6 +152,57 @@ def _stage_space(
     limits = space_limits(study) if study.is_trainer else declared_limits(study.space)
     space, warm, notes = narrow_space(previous.space, scored, stage.narrow, direction, limits)
     return space, warm[: stage.trials], notes
+
+
+def _move_to_horizon(
+    study: StudyConfig,
+    index: int,
+    earlier: Sequence[StageReport],
+    steps: int,
+    space: dict[str, ParamSpec],
+    warm: list[dict[str, Any]],
+    notes: list[str],
+) -> None:
+    """Scale the stage's range of ``horizon.key`` (and its warm starts) by (T / T_before)^-b:
+    from the stage before's horizon to this stage's, along the horizon law."""
+    from studies.horizon import HorizonLaw, fit_horizon_law
+    from studies.transfer import optimal_log2_lr
+
+    stage = study.stages[index]
+    assert stage.horizon is not None
+    key, before = stage.horizon.key, earlier[-1]
+    where = f"stages.{stage.name}.horizon"
+    if steps <= 0 or before.budget_steps <= 0:
+        raise StudyError(f"{where}: the stages' budgets give no step counts to move between")
+    if stage.horizon.b is not None:
+        law = HorizonLaw(a=0.0, b=stage.horizon.b)
+    else:
+        sign = -1.0 if study.objective.direction == "maximize" else 1.0
+        optima = []
+        for report in earlier:
+            points = [
+                (math.log2(float(t["params"][key])), sign * float(t["value"]))
+                for t in report.trials
+                if t["state"] == "complete" and t["value"] is not None and key in t["params"]
+            ]
+            if points:
+                optima.append((report.budget_steps, 2.0 ** optimal_log2_lr(points)[0]))
+        try:
+            law = fit_horizon_law(optima)
+        except StudyError as error:
+            raise StudyError(f"{where}: {error}; give horizon.b") from None
+    factor = law.shift(1.0, before.budget_steps, steps)
+    spec = space[key]
+    assert spec.low is not None and spec.high is not None
+    centre = math.sqrt(spec.low * spec.high)
+    space[key] = spec.model_copy(update={"low": spec.low * factor, "high": spec.high * factor})
+    for params in warm:
+        if key in params:
+            params[key] = params[key] * factor
+    notes.append(
+        f"{key}: centre {centre:.3g} at {before.budget_steps} steps -> {centre * factor:.3g} at "
+        f"{steps} steps ({law.describe()})"
+    )
 
 
 def check_resumed(

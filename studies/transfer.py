@@ -15,6 +15,7 @@ max - min over the widths. An optimum at the edge of the range is flagged: widen
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 from collections.abc import Mapping, Sequence
@@ -23,8 +24,15 @@ from pathlib import Path
 from typing import Any
 
 from studies.errors import StudyError
+from studies.horizon import HorizonLaw, fit_horizon_law
 
-__all__ = ["TransferCheck", "optimal_log2_lr", "plot_transfer", "transfer_study_file"]
+__all__ = [
+    "TransferCheck",
+    "optimal_log2_lr",
+    "plot_transfer",
+    "transfer_config",
+    "transfer_study_file",
+]
 
 PARAMETRIZATIONS = ("sp", "mup")
 LABELS = {"sp": "SP", "mup": "muP"}
@@ -36,6 +44,7 @@ def transfer_study_file(
     name: str,
     widths: Sequence[int],
     depths: Sequence[int] = (),
+    horizons: Sequence[int] = (),
     optimizer: str | None = None,
     trials: int = 8,
     steps: int = 150,
@@ -43,8 +52,15 @@ def transfer_study_file(
     seed: int = 0,
 ) -> dict[str, Any]:
     """The study (as a study file's mapping) that sweeps the LR at each width (or depth, at the
-    smallest width, when `depths` is given) under SP and muP; muP's base: the smallest."""
-    axis, values = ("depth", sorted(set(depths))) if depths else ("width", sorted(set(widths)))
+    smallest width, when `depths` is given) under SP and muP; muP's base: the smallest. With
+    `horizons`, it sweeps the LR at each step count instead, at the smallest width under muP
+    (the proxy whose horizon law `transfer --steps` uses)."""
+    if horizons:
+        axis, values = "horizon", sorted(set(horizons))
+    elif depths:
+        axis, values = "depth", sorted(set(depths))
+    else:
+        axis, values = "width", sorted(set(widths))
     if len(values) < 2:
         raise StudyError(f"--{axis}s: {values}; expected two or more different {axis}s")
     if any(v < 1 for v in values):
@@ -58,23 +74,24 @@ def transfer_study_file(
         "eval_every": 0,
         "checkpoint_every": 0,
     }
-    if depths:
+    if axis != "width":
         overrides["model.d_model"] = min(widths)
+    if axis == "depth":
         overrides["parametrization.base_depth"] = values[0]
     if optimizer is not None:
         overrides["optimizer.name"] = optimizer
-    key = "model.n_layer" if depths else "model.d_model"
+    key = {"width": "model.d_model", "depth": "model.n_layer"}.get(axis)
     stages = [
         {
             "name": f"{p}-{axis[0]}{v}",
             "sampler": "sobol",
             "trials": trials,
-            "budget": {"steps": steps},
+            "budget": {"steps": v if axis == "horizon" else steps},
             "pruner": "none",
             "seed": seed,  # every stage the same learning rates
-            "overrides": {key: v, "parametrization.name": p},
+            "overrides": {"parametrization.name": p, **({key: v} if key else {})},
         }
-        for p in PARAMETRIZATIONS
+        for p in (("mup",) if axis == "horizon" else PARAMETRIZATIONS)
         for v in values
     ]
     return {
@@ -138,6 +155,12 @@ class TransferCheck:
         xs = [x for x, _ in self.optima(name).values()]
         return max(xs) - min(xs) if xs else math.nan
 
+    def horizon_law(self) -> HorizonLaw:
+        """The horizon law through the optimal LR at each horizon (a horizon check's)."""
+        return fit_horizon_law(
+            [(steps, 2.0**x) for name in self.curves for steps, (x, _) in self.optima(name).items()]
+        )
+
     def to_dict(self, plot: Path | None = None) -> dict[str, Any]:
         payload: dict[str, Any] = {}
         for name in self.curves:
@@ -153,6 +176,9 @@ class TransferCheck:
                 },
             }
         payload["axis"] = self.axis
+        if self.axis == "horizon":
+            law = self.horizon_law()
+            payload["horizon_law"] = {**law.to_dict(), "text": law.describe()}
         payload["plot"] = None if plot is None else str(plot)
         return payload
 
@@ -213,3 +239,122 @@ def write_json(payload: Mapping[str, Any], path: Path) -> None:
     from trainer.tracking import write_text_atomic
 
     write_text_atomic(path, json.dumps(dict(payload), indent=2) + "\n")
+
+
+# ---------------------------------------------------------------------------------------------
+# Transfer a tuned proxy's config to the wide (deep, long) target
+
+
+def transfer_config(
+    raw: Mapping[str, Any],
+    *,
+    width: int | None = None,
+    depth: int | None = None,
+    steps: int | None = None,
+    law: HorizonLaw | None = None,
+) -> tuple[dict[str, Any], list[str]]:
+    """The trainer config (a mapping) of the target, from the tuned proxy's `raw` config, and
+    the notes on what transferred and what did not. Under muP (an SP proxy becomes muP's base)
+    the tuned LR, init and multipliers carry over across width and depth unchanged: the
+    parametrization rescales them per layer. A different horizon moves the LR along `law`
+    and stretches the schedule's step counts; batch size and weight decay are the user's."""
+    from trainer.config import parse_config
+    from trainer.errors import ConfigError
+
+    source = parse_config(copy.deepcopy(dict(raw)))
+    target = copy.deepcopy(dict(raw))  # the user's own file, changed where the target differs
+    section = target.setdefault
+    model, opt = source.model.model_dump(), source.optimizer.model_dump()
+    kind = model["kind"]
+    if kind not in ("gpt", "mlp"):
+        raise StudyError(f"--from: model.kind {kind}; transfer has muP rules for gpt and mlp")
+    width_key, depth_key = ("d_model", "n_layer") if kind == "gpt" else ("width", "depth")
+    notes: list[str] = []
+    par = source.parametrization.model_dump()
+    if par["name"] == "sp":
+        if model.get("tie_embeddings"):
+            raise StudyError(
+                "--from: model.tie_embeddings is true; muP needs the proxy's own readout: "
+                "tune it with model.tie_embeddings: false"
+            )
+        readout = "zero" if model.get("zero_init_readout") else "tp5"
+        section("parametrization", {}).update(
+            name="mup", base_width=model[width_key], readout_init=readout
+        )
+        par["base_width"] = model[width_key]
+        notes.append(
+            f"parametrization: sp proxy at {width_key} {model[width_key]} -> mup with that "
+            f"base_width (readout_init {readout}): the same network at the proxy's width"
+        )
+    if width is not None:
+        if width < par["base_width"]:
+            raise StudyError(
+                f"--width: {width} is below parametrization.base_width {par['base_width']}; "
+                "expected the proxy's width or wider"
+            )
+        if kind == "gpt" and width % model["n_head"]:
+            raise StudyError(
+                f"--width: {width} is not divisible by model.n_head {model['n_head']}; expected "
+                f"a multiple of {model['n_head']}"
+            )
+        notes.append(f"model.{width_key}: {model[width_key]} -> {width}")
+        section("model", {})[width_key] = width
+    if depth is not None:
+        if par.get("base_depth") is None:
+            section("parametrization", {})["base_depth"] = model[depth_key]
+            notes.append(f"parametrization.base_depth: the proxy's {model[depth_key]}")
+        notes.append(f"model.{depth_key}: {model[depth_key]} -> {depth}")
+        section("model", {})[depth_key] = depth
+    if steps is not None and steps != source.steps:
+        if law is None:
+            raise StudyError(
+                f"--steps: {steps} differs from the proxy's {source.steps}, and the optimal "
+                "LR moves with the horizon; give --horizon-b B (log lr* = a - b log T) or "
+                "--horizon-from a transfer-check JSON with a horizon law"
+            )
+        for key in ("lr", "muon_adamw_lr"):
+            if opt.get(key) is not None:
+                moved = law.shift(opt[key], source.steps, steps)
+                notes.append(
+                    f"optimizer.{key}: {opt[key]:.4g} at {source.steps} steps -> "
+                    f"{moved:.4g} at {steps} steps ({law.describe()})"
+                )
+                section("optimizer", {})[key] = float(f"{moved:.4g}")
+        schedule = source.schedule.model_dump()
+        stretched = _stretch_schedule(schedule, steps / source.steps, notes)
+        section("schedule", {}).update(stretched)
+        target["steps"] = steps
+    notes.append(
+        "carried over unchanged: the LR and its schedule's shape, the init scale and the "
+        "multipliers (muP rescales them per layer)"
+    )
+    notes.append(
+        f"not transferred: data.batch_size {source.data.batch_size} and the training "
+        "length are the target's own (tune the batch with its own study)"
+    )
+    if par.get("weight_decay") == "coupled" and opt.get("weight_decay"):
+        notes.append(
+            "optimizer.weight_decay: coupled, so lr x wd shrinks with the hidden LR rule; "
+            "weight_decay: independent holds it across widths"
+        )
+    try:
+        parse_config(target)
+    except ConfigError as error:
+        raise StudyError(f"the transferred config: {error}") from None
+    return target, notes
+
+
+def _stretch_schedule(
+    schedule: Mapping[str, Any], ratio: float, notes: list[str]
+) -> dict[str, Any]:
+    """The schedule's step counts x `ratio` (only those set), so that its shape over the run
+    is the proxy's; fractions stay as they are."""
+    changed: dict[str, Any] = {}
+    for key in ("warmup_steps", "step_size", "restart_period", "inverse_sqrt_timescale"):
+        if schedule.get(key):
+            changed[key] = max(1, round(schedule[key] * ratio))
+            notes.append(f"schedule.{key}: {schedule[key]} -> {changed[key]}")
+    if schedule.get("milestones"):
+        changed["milestones"] = [max(1, round(m * ratio)) for m in schedule["milestones"]]
+        notes.append(f"schedule.milestones: {schedule['milestones']} -> {changed['milestones']}")
+    return changed

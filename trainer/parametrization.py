@@ -5,21 +5,31 @@ a narrow proxy's optimal learning rate and initialisation optimal as the width g
 width multiplier ``m = width / base_width`` and each parameter's role from the model's
 `parameter_roles()` (trainer.models.init):
 
-============  ======================  ===================  ============  ==============
-role          init (``normal``)       forward multiplier   Adam-type LR  SGD LR
-============  ======================  ===================  ============  ==============
-input         unchanged               1                    x 1           x m
-hidden        std x m^-1/2            1                    x 1/m         x 1
-readout       zero (``zero_readout``) 1/m                  x 1           x m
-vector        unchanged               1                    x 1           x m (width-sized)
-============  ======================  ===================  ============  ==============
+============  =========================  ===================  ============  ==============
+role          init (``normal``)          forward multiplier   Adam-type LR  SGD LR
+============  =========================  ===================  ============  ==============
+input         unchanged                  1                    x 1           x m
+hidden        std x m^-1/2               1                    x 1/m         x 1
+readout       zero (``readout_init``)    1/m                  x 1           x m
+vector        unchanged                  1                    x 1           x m (width-sized)
+============  =========================  ===================  ============  ==============
+
+The readout's start (``readout_init``): ``zero`` (default; Tensor Programs V, D.2) or ``tp5``,
+its weights as built, so that through the 1/m multiplier their variance is the paper's ~
+1/fan_in^2 (the ``mup`` package's MuReadout) and the initial logits shrink as m^-1/2 (the
+coordinate check flags that at step 1, before any update). On the transfer check's 150-step GPT
+at 8x the base width ``tp5`` ended 0.12 nats below ``zero`` at the same optimum (BENCHMARKS.md,
+"muP: the readout's start"). How fast the readout moves against the rest is a hyperparameter of
+the base width: ``model.output_multiplier`` (alpha_output, Tensor Programs V section 3) multiplies
+the logits at every width and under SP too, and muP's 1/m comes on top of it.
 
 The readout's multiplier scales its input, not its bias (as the `mup` package's MuReadout does: a
 bias divided by m would vanish with width; the coordinate check caught this). Attention logits
 are scaled by ``sqrt(base_head_dim) / head_dim`` (1/head_dim up to a constant
 that makes it 1/sqrt(head_dim) at the base width). The fan-in schemes (``he``, ``lecun``,
-``xavier``, ``orthogonal``) already give hidden weights variance ~ 1/fan_in and are left as they
-are. Muon's hidden matrices follow the spectral condition of Yang, Simon and Bernstein 2023 ("A
+``xavier``, ``orthogonal``) already give hidden weights variance ~ 1/fan_in and leave them as
+they are; their embedding tables (whose fan-in is the width) are scaled back to the base width's
+std. Muon's hidden matrices follow the spectral condition of Yang, Simon and Bernstein 2023 ("A
 Spectral Condition for Feature Learning", condition 1): the update's spectral norm ~
 sqrt(fan_out / fan_in), so each matrix's LR is scaled to cancel torch Muon's own shape
 adjustment relative to the base shape; its other parameters follow the Adam rules.
@@ -39,7 +49,7 @@ optimisers only.
 Everything here sets optimiser groups and plain float attributes of modules (multipliers), never
 attributes on tensors, so it survives FSDP2, torch.compile, state_dict and pickling. At
 ``width == base_width`` and ``depth == base_depth`` muP builds the same network as SP (with
-``zero_readout`` the same as SP with ``model.zero_init_readout: true``).
+``readout_init: zero`` the same as SP with ``model.zero_init_readout: true``).
 """
 
 from __future__ import annotations
@@ -100,8 +110,10 @@ class ParametrizationConfig(BaseModel):
         le=1.0,
         description="Residual branches x (base_depth/depth)^alpha: 0.5 depth-muP, 1 CompleteP.",
     )
-    zero_readout: bool = Field(
-        default=True, description="mup: start the readout at zero (Tensor Programs V, D.2)."
+    readout_init: Literal["zero", "tp5"] = Field(
+        default="zero",
+        description="mup: the readout's start: zero (Tensor Programs V, D.2) or tp5 (as built; "
+        "through the 1/m multiplier its variance ~ 1/fan_in^2).",
     )
     weight_decay: Literal["independent", "coupled"] = Field(
         default="independent",
@@ -204,19 +216,20 @@ def parametrize(
     params = dict(model.named_parameters())
     readout_prefix = "lm_head." if isinstance(model, GPT) else "readout."
 
+    fan_in_scheme = model_config.init != "normal"
     with torch.no_grad():
-        if model_config.init == "normal":
-            for name, role in roles.items():
-                if role == "hidden":
-                    params[name].mul_(m**-0.5)
-        if isinstance(model, GPT) and model_config.init == "normal" and depth_mult != 1.0:
+        for name, role in roles.items():
+            param = params[name]
+            if role == "hidden" and not fan_in_scheme:
+                param.mul_(m**-0.5)
+            elif role == "input" and fan_in_scheme and param.dim() == 2 and param.shape[1] == width:
+                param.mul_(m**0.5)  # an embedding table: std 1/sqrt(width) -> the base's
+            elif role == "readout" and config.readout_init == "zero":
+                param.zero_()
+        if isinstance(model, GPT) and not fan_in_scheme and depth_mult != 1.0:
             for name in model.residual_projections():  # std/sqrt(2L) -> std/sqrt(2 L_base)
                 params[name].mul_(math.sqrt(depth_mult))
-        if config.zero_readout:
-            for name, role in roles.items():
-                if role == "readout":
-                    params[name].zero_()
-    model.logit_multiplier = 1.0 / m
+    model.logit_multiplier = model_config.output_multiplier / m
     branch = depth_mult**-config.depth_alpha
     if isinstance(model, GPT):
         n_head = model.config.n_head

@@ -432,7 +432,7 @@ def _open_stage(
     index: int,
     url: str,
     storage: BaseStorage,
-    previous: StageReport | None,
+    earlier: list[StageReport],
     direction: Direction,
 ) -> tuple[optuna.Study, StagePlan]:
     """The stage's Optuna study and plan: created with its (narrowed) space and warm starts
@@ -446,7 +446,7 @@ def _open_stage(
         load_if_exists=True,
     )
     stored = ostudy.user_attrs.get(STAGE_ATTR)
-    plan = plan_stage(study, index, previous, stored, where=mask_password(url))
+    plan = plan_stage(study, index, earlier, stored, where=mask_password(url))
     if not plan.resumed:
         ostudy.set_user_attr(STAGE_ATTR, plan.meta)
         for params in plan.warm_starts:
@@ -488,9 +488,8 @@ def run_optuna(
     parent_run_id = tracker.parent_run_id if tracker is not None else None
     n_workers = workers or study.workers
     reports: list[StageReport] = []
-    previous: StageReport | None = None
     for index, stage in enumerate(study.stages):
-        ostudy, plan = _open_stage(study, index, url, storage, previous, direction)
+        ostudy, plan = _open_stage(study, index, url, storage, reports, direction)
         ctx = _Stage(study, plan, url, runs, parent_run_id, trial_fn)
         _configure(ctx, ostudy)
         view.stage_started(stage, index, plan.space, plan.notes)
@@ -498,7 +497,6 @@ def run_optuna(
         report = _stage_report(ostudy, ctx)
         view.stage_finished(report)
         reports.append(report)
-        previous = report
     return reports
 
 

@@ -92,10 +92,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    name, storage, reports = read_study(args.name, args.storage, Path(args.runs_dir))
+    if args.action == "show":
+        return _show(name, storage, reports, args.json)
+    if args.action == "best":
+        return _best(name, reports, args.json)
+    return _export(name, reports, args.out, args.all)
+
+
+def read_study(
+    name: str, storage: str | None, runs_dir: Path
+) -> tuple[str, str, list[StageReport]]:
+    """(name, storage, its stage reports) of a study named, or given by its study file."""
     from studies.backends import load_stage_reports, locate_study
 
-    name, storage = args.name, args.storage
-    runs_dir = Path(args.runs_dir)
     if name.endswith((".yaml", ".yml")):  # a study file: its name, backend and storage
         from studies.study_file import load_study
 
@@ -104,12 +114,19 @@ def run(args: argparse.Namespace) -> int:
         backend = study.backend
     else:
         storage, backend = locate_study(name, storage, runs_dir)
-    reports = load_stage_reports(name, storage, backend)
-    if args.action == "show":
-        return _show(name, storage, reports, args.json)
-    if args.action == "best":
-        return _best(name, reports, args.json)
-    return _export(name, reports, args.out, args.all)
+    return name, storage, load_stage_reports(name, storage, backend)
+
+
+def best_of(name: str, reports: Sequence[StageReport]) -> tuple[dict[str, Any], str]:
+    """(the study's best trial, its trainer config's YAML text, "" when not on this machine)."""
+    from studies.errors import StudyError
+    from studies.sweep import study_ranking
+
+    _, ranked = study_ranking(reports, reports[0].direction)
+    if not ranked:
+        raise StudyError(f"study: '{name}' has no complete trial yet; see `scaleplan study show`")
+    best = dict(ranked[0])
+    return best, _trial_config_text(best)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -184,16 +201,8 @@ def _show(name: str, storage: str, reports: list[StageReport], as_json: bool) ->
 
 
 def _best(name: str, reports: list[StageReport], as_json: bool) -> int:
-    from studies.errors import StudyError
-    from studies.sweep import study_ranking
-
-    direction = reports[0].direction
     metric = reports[0].metric
-    _, ranked = study_ranking(reports, direction)
-    if not ranked:
-        raise StudyError(f"study: '{name}' has no complete trial yet; see `scaleplan study show`")
-    best = ranked[0]
-    config_text = _trial_config_text(best)
+    best, config_text = best_of(name, reports)
     if as_json:
         import yaml
 

@@ -4,6 +4,10 @@ Writes DIR/base.yaml (the trainer config; --config replaces it), DIR/transfer-ch
 study: a stage per parametrization and width, rerun or resumed with `scaleplan sweep`), the
 study's trials under DIR/, DIR/transfer_check.png (loss against log2 LR per width, SP beside
 muP) and DIR/transfer_check.json; prints the optimal log2 LR per width and the drift.
+
+``--horizons 75,150,300`` sweeps the step count instead, at the smallest width under muP, and
+fits the horizon law ``log lr* = a - b log T`` (Bjorck et al. 2024) to the optima: the JSON's
+``horizon_law``, which ``scaleplan transfer --horizon-from`` reads.
 """
 
 from __future__ import annotations
@@ -16,14 +20,24 @@ from studies.cli import number
 from studies.commands import output
 
 NAME = "transfer-check"
-# the default: a 2-layer byte-level GPT on the standard library's sources, 150 steps a trial
+# the default: a 2-layer byte-level GPT on the standard library's sources, 150 steps a trial. At
+# the base width SP and muP are the same network: the readout starts at zero, and its output
+# multiplier (alpha_output, tuned at width 32: the best val loss over LRs 2^-10..2^-5 was 2.87 at
+# 1, 2.52 at 8, 2.40 at 32 and at 64; BENCHMARKS.md) lets it keep up with the rest.
 BASE = {
     "steps": 150,
     "log_every": 50,
     "eval_every": 0,
     "eval_batches": 8,
     "checkpoint_every": 0,
-    "model": {"kind": "gpt", "n_layer": 2, "n_head": 4},
+    "model": {
+        "kind": "gpt",
+        "n_layer": 2,
+        "n_head": 4,
+        "tie_embeddings": False,
+        "zero_init_readout": True,
+        "output_multiplier": 32.0,
+    },
     "data": {"block_size": 64, "batch_size": 16},
     "optimizer": {"name": "adamw", "weight_decay": 0.0},
     "schedule": {"warmup_steps": 10},
@@ -51,9 +65,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=[],
         help="sweep depths (n_layer) instead, at the smallest width (depth-muP base: the smallest)",
     )
+    parser.add_argument(
+        "--horizons",
+        type=_ints,
+        default=[],
+        help="sweep step counts instead, at the smallest width under muP, and fit the horizon "
+        "law log lr* = a - b log T (for `scaleplan transfer --steps`)",
+    )
     parser.add_argument("--optimizer", help="optimizer.name for every trial (default adamw)")
     parser.add_argument("--config", metavar="CONFIG.yaml", help="the trainer config to start from")
-    parser.add_argument("--trials", type=int, default=8, help="learning rates per width (8)")
+    parser.add_argument("--trials", type=int, default=16, help="learning rates per width (16)")
     parser.add_argument("--steps", type=int, default=150, help="steps per trial (150)")
     parser.add_argument(
         "--log2-lr",
@@ -85,6 +106,11 @@ def run(args: argparse.Namespace) -> int:
     )
     from trainer.tracking import write_text_atomic
 
+    if args.horizons and args.depths:
+        raise StudyError(
+            f"--horizons / --depths: both given ({args.horizons} / {args.depths}); expected one "
+            "axis to sweep"
+        )
     if args.trials < 3 or args.steps < 1:
         raise StudyError(
             f"--trials / --steps: {args.trials} / {args.steps}; expected at least 3 learning "
@@ -102,6 +128,7 @@ def run(args: argparse.Namespace) -> int:
         name=NAME,
         widths=args.widths,
         depths=args.depths,
+        horizons=args.horizons,
         optimizer=args.optimizer,
         trials=args.trials,
         steps=args.steps,
@@ -121,7 +148,8 @@ def run(args: argparse.Namespace) -> int:
             summary, reports = run_sweep_reports(
                 study, runs_dir=out, view=view, study_file=study_path
             )
-    check = TransferCheck.from_reports(reports, "depth" if args.depths else "width")
+    axis = "horizon" if args.horizons else "depth" if args.depths else "width"
+    check = TransferCheck.from_reports(reports, axis)
     if not any(points for curves in check.curves.values() for points in curves.values()):
         raise StudyError(
             f"no trial finished; their reasons: scaleplan study show {NAME} --runs-dir {out}"
@@ -137,6 +165,8 @@ def run(args: argparse.Namespace) -> int:
         output.print_json(payload)
         return 0
     _print(check, payload)
+    if "horizon_law" in payload:
+        print(f"horizon law: log lr* = a - b log T, {payload['horizon_law']['text']}")
     print(f"plot: {plot}")
     print(f"study: {study_path} (scaleplan sweep {study_path} --runs-dir {out} reruns it)")
     return 0

@@ -51,3 +51,43 @@ def test_bad_input_is_one_line_and_exit_2(
     code = main(["transfer-check", *argv, "--out", str(tmp_path), "--tracking-uri", "none"])
     err = capsys.readouterr().err
     assert code == 2 and message in err and err.count("\n") == 1
+
+
+def test_a_horizon_check_fits_the_horizon_law_that_transfer_reads(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "hc"
+    argv = ["transfer-check", "--widths", "16", "--horizons", "20,40", "--trials", "3"]
+    assert main([*argv, "--out", str(out), "--tracking-uri", "none", "--json"]) == 0
+    payload = json.loads(capsys.readouterr().out)
+    assert set(payload["mup"]["optimal_log2_lr"]) == {"20", "40"} and "sp" not in payload
+    law = payload["horizon_law"]
+    optima = payload["mup"]["optimal_log2_lr"]  # two horizons: the line through both optima
+    assert law["b"] == pytest.approx(-(optima["40"] - optima["20"]), abs=1e-3)
+    assert law["horizons"] == [20, 40] and law["b_stderr"] is None
+    study = (out / "transfer-check.yaml").read_text()
+    assert "steps: 40" in study and "mup-h20" in study
+    proxy = tmp_path / "proxy.yaml"
+    proxy.write_text(
+        "steps: 20\nmodel: {kind: gpt, n_layer: 1, n_head: 2, d_model: 16, tie_embeddings: "
+        "false}\noptimizer: {lr: 0.01}\nparametrization: {name: mup, base_width: 16}\n"
+    )
+    transfer = ["transfer", "--from", str(proxy), "--steps", "80", "--json"]
+    assert main([*transfer, "--horizon-from", str(out / "transfer_check.json")]) == 0
+    moved = json.loads(capsys.readouterr().out)["config"]["optimizer"]["lr"]
+    assert moved == pytest.approx(0.01 * 4 ** -law["b"], rel=1e-3)
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--horizons", "30"], "--horizons: [30]; expected two or more"),
+        (["--horizons", "10,20", "--depths", "1,2"], "--horizons / --depths: both given"),
+    ],
+)
+def test_a_horizon_check_needs_two_horizons_and_one_axis(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], argv: list[str], message: str
+) -> None:
+    code = main(["transfer-check", *argv, "--out", str(tmp_path), "--tracking-uri", "none"])
+    err = capsys.readouterr().err
+    assert code == 2 and message in err and err.count("\n") == 1

@@ -76,12 +76,12 @@ def curves(config: TrainConfig, out: Path) -> list[float]:
 MUP = {"parametrization__name": "mup", "parametrization__base_width": 32}
 
 
-@pytest.mark.parametrize("zero_readout", [False, True])
+@pytest.mark.parametrize("readout_init", ["tp5", "zero"])
 def test_mup_at_the_base_width_trains_exactly_as_sp(
-    cache: Path, tmp_path: Path, zero_readout: bool
+    cache: Path, tmp_path: Path, readout_init: str
 ) -> None:
-    sp = gpt(cache, model__zero_init_readout=zero_readout)
-    mup = gpt(cache, **MUP, parametrization__zero_readout=zero_readout)
+    sp = gpt(cache, model__zero_init_readout=readout_init == "zero")
+    mup = gpt(cache, **MUP, parametrization__readout_init=readout_init)
     assert curves(mup, tmp_path / "mup") == curves(sp, tmp_path / "sp")
 
 
@@ -92,15 +92,16 @@ def test_mup_at_the_base_width_and_depth_trains_the_mlp_exactly_as_sp(tmp_path: 
 
 
 def test_adam_rules_at_four_times_the_base_width() -> None:
-    sp_model, _ = built(gpt(width=128, model__zero_init_readout=True))
-    model, plan = built(gpt(width=128, **MUP))
+    sp_model, _ = built(gpt(width=128))
+    model, plan = built(gpt(width=128, **MUP, parametrization__readout_init="tp5"))
     assert plan.width_mult == 4.0
     roles = model.parameter_roles()
     sp_params, params = dict(sp_model.named_parameters()), dict(model.named_parameters())
     for name, role in roles.items():
         ratio = params[name].std().item() / max(sp_params[name].std().item(), 1e-12)
-        expected = {"hidden": 0.5, "input": 1.0, "readout": 0.0}.get(role)
-        if expected is not None:  # init: hidden std x m^-1/2, readout zero, input unchanged
+        expected = {"hidden": 0.5, "input": 1.0, "readout": 1.0}.get(role)
+        if expected is not None:  # init: hidden std x m^-1/2; readout (x 1/m in the forward) and
+            # input unchanged
             assert ratio == pytest.approx(expected, rel=1e-5), name
     assert model.logit_multiplier == 0.25
     assert model.blocks[0].attn.scale == pytest.approx(math.sqrt(16) / 64)  # 1/head_dim form
@@ -114,6 +115,34 @@ def test_adam_rules_at_four_times_the_base_width() -> None:
             assert group["weight_decay"] == pytest.approx(0.1 * 4)  # lr x wd held
         else:
             assert group["lr"] == pytest.approx(3e-3) and "hidden" not in kinds
+
+
+def test_fan_in_schemes_keep_the_base_widths_embedding_and_logit_scale() -> None:
+    sp_model, _ = built(gpt(width=128, model__init="lecun"))
+    model, _ = built(
+        gpt(width=128, model__init="lecun", **MUP, parametrization__readout_init="tp5")
+    )
+    sp_params, params = dict(sp_model.named_parameters()), dict(model.named_parameters())
+    for name, role in model.parameter_roles().items():
+        expected = {"hidden": 1.0, "input": 2.0, "readout": 1.0}.get(role)
+        if expected is not None:  # lecun hidden is already 1/fan_in; tables back to 1/sqrt(32)
+            ratio = params[name].std().item() / sp_params[name].std().item()
+            assert ratio == pytest.approx(expected, rel=1e-5), name
+    assert params["wte.weight"].std().item() == pytest.approx(32**-0.5, rel=0.05)
+
+
+@pytest.mark.parametrize("readout_init", ["tp5", "zero"])
+def test_the_readouts_start_sets_the_initial_logits(readout_init: str) -> None:
+    tokens = torch.randint(0, 256, (4, 16), generator=torch.Generator().manual_seed(0))
+    spread = {}
+    for width in (32, 256):
+        model, _ = built(gpt(width=width, **MUP, parametrization__readout_init=readout_init))
+        with torch.no_grad():
+            spread[width] = model(tokens)[0].std().item()
+    if readout_init == "tp5":  # shrink as m^-1/2 (8x: 1/2.83)
+        assert spread[256] == pytest.approx(spread[32] / 8**0.5, rel=0.15)
+    else:
+        assert spread[32] == spread[256] == 0.0
 
 
 def test_coupled_weight_decay_leaves_the_coefficient() -> None:

@@ -79,7 +79,7 @@ class CNN(nn.Module):
     ) -> None:
         super().__init__()
         self.config = config
-        self.logit_multiplier = 1.0
+        self.logit_multiplier = config.output_multiplier
         stages = []
         in_channels, size = input_shape[0], min(input_shape[1:])
         for out_channels in config.channels:

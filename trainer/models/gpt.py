@@ -206,7 +206,7 @@ class GPT(nn.Module):
         self.config = config
         self.vocab_size = vocab_size
         self.embedding_multiplier = 1.0
-        self.logit_multiplier = 1.0
+        self.logit_multiplier = config.output_multiplier
 
         self.wte = nn.Embedding(vocab_size, config.d_model)
         self.wpe = (

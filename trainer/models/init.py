@@ -46,6 +46,12 @@ class InitFields(BaseModel):
         default=False,
         description="Start the readout (last layer) at zero, so initial logits are uniform.",
     )
+    output_multiplier: float = Field(
+        default=1.0,
+        gt=0,
+        description="Multiplies the logits (the readout's input): Tensor Programs V's "
+        "alpha_output, tuned at the base width and carried over under muP.",
+    )
 
 
 def fan_in(weight: torch.Tensor) -> int:

@@ -93,7 +93,7 @@ class MLP(nn.Module):
         if config.input_dim is None or config.output_dim is None:
             raise ValueError("MLPConfig needs input_dim and output_dim; use build_model")
         self.config = config
-        self.logit_multiplier = 1.0
+        self.logit_multiplier = config.output_multiplier
         self.residual_multiplier = 1.0
         self.input_layer = DenseLayer(config.input_dim, config)
         self.hidden_layers = nn.ModuleList(

@@ -162,12 +162,11 @@ def run_ray(
                 "shared storage (NFS, or s3:// / gs://)"
             )
         reports: list[StageReport] = []
-        previous: StageReport | None = None
         for index in range(len(study.stages)):
             report = _run_stage(
                 study,
                 index,
-                previous,
+                list(reports),
                 storage=storage,
                 runs_dir=runs,
                 workers=workers or study.workers,
@@ -176,7 +175,6 @@ def run_ray(
                 trial_fn=trial_fn,
             )
             reports.append(report)
-            previous = report
         return reports
     finally:
         optuna.logging.set_verbosity(previous_level)
@@ -295,7 +293,7 @@ def _quiet_tune() -> Iterator[None]:
 def _run_stage(
     study: StudyConfig,
     index: int,
-    previous: StageReport | None,
+    earlier: list[StageReport],
     *,
     storage: str,
     runs_dir: Path,
@@ -313,7 +311,7 @@ def _run_stage(
     stored = read_meta(path)
     if stored is not None:
         stored.pop("trial_records", None)  # written again below, once the stage has finished
-    plan = plan_stage(study, index, previous, stored, where=path, fixed_trials=True)
+    plan = plan_stage(study, index, earlier, stored, where=path, fixed_trials=True)
     meta = plan.meta
     if not plan.resumed:
         meta = {**meta, "recorded": False}

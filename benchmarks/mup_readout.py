@@ -1,0 +1,81 @@
+"""How the readout's start and its output multiplier decide what muP gains from width, on the
+transfer check's model (scaleplan transfer-check: a 2-layer byte-level GPT, 150 steps, batch
+16 x 64 bytes of the default corpus).
+
+Two measurements, each the final val loss of one run per learning rate (seed 0):
+
+- ``start``: muP at width 256 (base 32) with the readout started at zero or as built
+  (``parametrization.readout_init: tp5``), output multiplier 1, beside SP at width 256 as built
+  and with a zero readout: the four best losses over LRs 2^-12..2^-5.
+- ``alpha``: the output multiplier (``model.output_multiplier``) at the base width 32, readout at
+  zero (there SP and muP are one network): the best loss over LRs 2^-10..2^-5 for 1, 8, 32, 64.
+
+    python benchmarks/mup_readout.py              # both, about 4 minutes on 2 cores
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import datetime as dt
+import platform
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from studies.commands.transfer_check import BASE  # noqa: E402
+from trainer.config import parse_config  # noqa: E402
+from trainer.loop import train  # noqa: E402
+
+ALPHA_BASE = {"zero_init_readout": False, "output_multiplier": 1.0}  # the model as built
+
+
+def loss(width: int, log2_lr: float, model: dict[str, Any], par: dict[str, Any] | None) -> float:
+    raw: dict[str, Any] = copy.deepcopy(BASE)
+    raw["tracking"] = {"enabled": False}
+    raw["model"].update(d_model=width, **model)
+    raw["optimizer"]["lr"] = 2.0**log2_lr
+    if par is not None:
+        raw["parametrization"] = {"name": "mup", "base_width": 32, **par}
+    with tempfile.TemporaryDirectory() as folder:
+        result = train(parse_config(raw), out_dir=folder)
+    assert result.final_val_loss is not None
+    return result.final_val_loss
+
+
+def best(width: int, lrs: list[float], model: dict[str, Any], par: dict[str, Any] | None) -> str:
+    losses = {x: loss(width, x, model, par) for x in lrs}
+    x = min(losses, key=losses.__getitem__)
+    curve = " ".join(f"{k:+.0f}:{v:.3f}" for k, v in losses.items())
+    return f"best {losses[x]:.3f} at 2^{x:+.0f}   ({curve})"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--only", choices=("start", "alpha"), help="one of the two")
+    args = parser.parse_args(argv)
+    print(f"# mup_readout.py, {dt.datetime.now():%Y-%m-%dT%H:%M:%S}, {platform.machine()}")
+    if args.only in (None, "start"):
+        lrs = [-12.0, -11.0, -10.0, -9.0, -7.0, -5.0]
+        plain = dict(ALPHA_BASE)
+        print("width 256, output multiplier 1:")
+        print("  sp, readout as built     ", best(256, lrs, plain, None))
+        zero = {**plain, "zero_init_readout": True}
+        print("  sp, readout at zero      ", best(256, lrs, zero, None))
+        print("  mup, readout_init zero   ", best(256, lrs, plain, {"readout_init": "zero"}))
+        print("  mup, readout_init tp5    ", best(256, lrs, plain, {"readout_init": "tp5"}))
+    if args.only in (None, "alpha"):
+        lrs = [-10.0, -9.0, -8.0, -7.0, -6.0, -5.0]
+        print("width 32 (the base), readout at zero:")
+        for alpha in (1.0, 8.0, 32.0, 64.0):
+            model = {"zero_init_readout": True, "output_multiplier": alpha}
+            print(f"  output_multiplier {alpha:<4g}     ", best(32, lrs, model, None))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
