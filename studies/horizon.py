@@ -48,6 +48,19 @@ class HorizonLaw:
     def to_dict(self) -> dict[str, object]:
         return {"a": self.a, "b": self.b, "b_stderr": self.b_stderr, "horizons": self.horizons}
 
+    @classmethod
+    def from_dict(cls, raw: object) -> HorizonLaw | None:
+        """The law `to_dict` wrote; None when `raw` is not one."""
+        if not isinstance(raw, dict) or not isinstance(raw.get("b"), int | float):
+            return None
+        stderr = raw.get("b_stderr")
+        return cls(
+            a=float(raw.get("a", 0.0)),
+            b=float(raw["b"]),
+            b_stderr=float(stderr) if isinstance(stderr, int | float) else None,
+            horizons=tuple(int(h) for h in raw.get("horizons", ())),
+        )
+
 
 def fit_horizon_law(optima: Sequence[tuple[int, float]]) -> HorizonLaw:
     """The law through (steps, optimal LR) points at two or more different horizons."""

@@ -260,15 +260,19 @@ def transfer_config(
     and stretches the schedule's step counts; batch size and weight decay are the user's."""
     from trainer.config import parse_config
     from trainer.errors import ConfigError
+    from trainer.models import GPTConfig, MLPConfig
+    from trainer.parametrization import width_and_depth
 
     source = parse_config(copy.deepcopy(dict(raw)))
     target = copy.deepcopy(dict(raw))  # the user's own file, changed where the target differs
     section = target.setdefault
     model, opt = source.model.model_dump(), source.optimizer.model_dump()
-    kind = model["kind"]
-    if kind not in ("gpt", "mlp"):
+    if not isinstance(source.model, GPTConfig | MLPConfig):
+        kind = model["kind"]
         raise StudyError(f"--from: model.kind {kind}; transfer has muP rules for gpt and mlp")
-    width_key, depth_key = ("d_model", "n_layer") if kind == "gpt" else ("width", "depth")
+    kind = model["kind"]
+    _, _, width_field, depth_field = width_and_depth(source.model)
+    width_key, depth_key = width_field.removeprefix("model."), depth_field.removeprefix("model.")
     notes: list[str] = []
     par = source.parametrization.model_dump()
     if par["name"] == "sp":

@@ -18,7 +18,7 @@ The readout's start (``readout_init``): ``zero`` (default; Tensor Programs V, D.
 its weights as built, so that through the 1/m multiplier their variance is the paper's ~
 1/fan_in^2 (the ``mup`` package's MuReadout) and the initial logits shrink as m^-1/2 (the
 coordinate check flags that at step 1, before any update). On the transfer check's 150-step GPT
-at 8x the base width ``tp5`` ended 0.12 nats below ``zero`` at the same optimum (BENCHMARKS.md,
+at 8x the base width ``tp5`` ended 0.31 nats below ``zero`` at the same optimum (BENCHMARKS.md,
 "muP: the readout's start"). How fast the readout moves against the rest is a hyperparameter of
 the base width: ``model.output_multiplier`` (alpha_output, Tensor Programs V section 3) multiplies
 the logits at every width and under SP too, and muP's 1/m comes on top of it.
@@ -77,6 +77,7 @@ __all__ = [
     "Parametrized",
     "check_parametrization",
     "parametrize",
+    "width_and_depth",
 ]
 
 ADAM_TYPE = ("adam", "adamw", "amsgrad", "nadam", "radam", "adagrad", "rmsprop", "lion", "sophia")
@@ -137,7 +138,8 @@ class Parametrized:
         return self.lr_scales.get(name, 1.0)
 
 
-def _width_depth(model: GPTConfig | MLPConfig) -> tuple[int, int, str, str]:
+def width_and_depth(model: GPTConfig | MLPConfig) -> tuple[int, int, str, str]:
+    """(width, depth, their config fields): GPT d_model and n_layer, MLP width and depth."""
     if isinstance(model, GPTConfig):
         return model.d_model, model.n_layer, "model.d_model", "model.n_layer"
     return model.width, model.depth, "model.width", "model.depth"
@@ -159,7 +161,7 @@ def check_parametrization(
             "parametrization.base_width: missing; mup needs the width its hyperparameters "
             "were tuned at (e.g. 64)"
         )
-    width, depth, width_field, depth_field = _width_depth(model)
+    width, depth, width_field, depth_field = width_and_depth(model)
     if config.base_width > width:
         raise ValueError(
             f"parametrization.base_width: {config.base_width} is larger than {width_field} "
@@ -209,7 +211,7 @@ def parametrize(
         return Parametrized("sp", 1.0, 1.0, {}, independent_wd=False)
     model_config = model.config
     assert config.base_width is not None  # check_parametrization ran with the config
-    width, depth, _, _ = _width_depth(model_config)
+    width, depth, _, _ = width_and_depth(model_config)
     m = width / config.base_width
     depth_mult = depth / config.base_depth if config.base_depth is not None else 1.0
     roles = model.parameter_roles()
@@ -217,13 +219,14 @@ def parametrize(
     readout_prefix = "lm_head." if isinstance(model, GPT) else "readout."
 
     fan_in_scheme = model_config.init != "normal"
+    embeddings = embedding_ids(model)
     with torch.no_grad():
         for name, role in roles.items():
             param = params[name]
             if role == "hidden" and not fan_in_scheme:
                 param.mul_(m**-0.5)
-            elif role == "input" and fan_in_scheme and param.dim() == 2 and param.shape[1] == width:
-                param.mul_(m**0.5)  # an embedding table: std 1/sqrt(width) -> the base's
+            elif role == "input" and fan_in_scheme and id(param) in embeddings:
+                param.mul_(m**0.5)  # a table's fan-in is the width: std 1/sqrt(width) -> base's
             elif role == "readout" and config.readout_init == "zero":
                 param.zero_()
         if isinstance(model, GPT) and not fan_in_scheme and depth_mult != 1.0:
@@ -242,9 +245,7 @@ def parametrize(
     else:
         model.residual_multiplier = branch
 
-    scale_of = _lr_rule(
-        optimizer, m, depth_mult ** (config.depth_alpha - 1.0), embedding_ids(model)
-    )
+    scale_of = _lr_rule(optimizer, m, depth_mult ** (config.depth_alpha - 1.0), embeddings)
     lr_scales: dict[str, float] = {}
     for name, role in roles.items():
         scales_with_width = not (role == "vector" and name.startswith(readout_prefix))

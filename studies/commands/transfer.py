@@ -18,10 +18,13 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 from studies.cli import number
 from studies.commands import output
+
+if TYPE_CHECKING:
+    from studies.horizon import HorizonLaw
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -81,7 +84,7 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _law(args: argparse.Namespace) -> Any:
+def _law(args: argparse.Namespace) -> HorizonLaw | None:
     from studies.horizon import HorizonLaw
 
     if args.horizon_b is not None:
@@ -97,17 +100,13 @@ def _law(args: argparse.Namespace) -> Any:
         law = json.loads(path.read_text()).get("horizon_law")
     except (OSError, ValueError, AttributeError) as error:
         raise StudyError(f"--horizon-from: '{path}' is not a readable JSON ({error})") from None
-    if not isinstance(law, dict) or not isinstance(law.get("b"), int | float):
+    parsed = HorizonLaw.from_dict(law)
+    if parsed is None:
         raise StudyError(
             f"--horizon-from: '{path}' has no horizon_law; expected the JSON of "
             "`scaleplan transfer-check --horizons`"
         )
-    return HorizonLaw(
-        a=float(law.get("a", 0.0)),
-        b=float(law["b"]),
-        b_stderr=law.get("b_stderr"),
-        horizons=tuple(law.get("horizons", ())),
-    )
+    return parsed
 
 
 def _proxy_config(source: str, storage: str | None, runs_dir: Path) -> tuple[dict, str]:

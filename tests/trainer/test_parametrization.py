@@ -131,6 +131,16 @@ def test_fan_in_schemes_keep_the_base_widths_embedding_and_logit_scale() -> None
     assert params["wte.weight"].std().item() == pytest.approx(32**-0.5, rel=0.05)
 
 
+def test_an_mlp_input_layer_as_wide_as_its_inputs_is_no_embedding_table() -> None:
+    # digits have 64 features: at width 64 the input Linear is (64, 64), yet not a table
+    sp_model, _ = built(mlp(width=64, model__init="lecun"))
+    model, _ = built(mlp(width=64, model__init="lecun", **MUP))
+    sp_params, params = dict(sp_model.named_parameters()), dict(model.named_parameters())
+    for name, role in model.parameter_roles().items():
+        if role in ("input", "hidden"):
+            assert torch.equal(params[name], sp_params[name]), name
+
+
 @pytest.mark.parametrize("readout_init", ["tp5", "zero"])
 def test_the_readouts_start_sets_the_initial_logits(readout_init: str) -> None:
     tokens = torch.randint(0, 256, (4, 16), generator=torch.Generator().manual_seed(0))
