@@ -122,7 +122,12 @@ def _proxy_config(source: str, storage: str | None, runs_dir: Path) -> tuple[dic
         raw = read_yaml_mapping(path, "--from", StudyError)
         if "stages" not in raw:  # a trainer config
             return raw, str(path)
-    name, _, reports = read_study(source, storage, runs_dir)
+    try:
+        name, _, reports = read_study(source, storage, runs_dir)
+    except StudyError as error:
+        if path.exists():
+            raise
+        raise StudyError(f"--from: '{source}' is no file, and as a study name: {error}") from None
     best, text = best_of(name, reports)
     if not text:
         raise StudyError(

@@ -118,6 +118,7 @@ def test_the_command_writes_a_config_that_trains(
         (["--width", "0"], "--width: 0; expected a positive integer"),
         ([], "--width / --depth / --steps: none given"),
         (["--width", "64", "--horizon-from", "missing.json"], "--horizon-from: 'missing.json'"),
+        (["--width", "64", "--from", "no-such-study"], "--from: 'no-such-study' is no file"),
     ],
 )
 def test_the_commands_bad_input_is_one_line_and_exit_2(
@@ -125,6 +126,6 @@ def test_the_commands_bad_input_is_one_line_and_exit_2(
 ) -> None:
     proxy = tmp_path / "proxy.yaml"
     proxy.write_text(yaml.safe_dump(PROXY))
-    code = main(["transfer", "--from", str(proxy), *argv])
+    code = main(["transfer", "--from", str(proxy), *argv, "--runs-dir", str(tmp_path)])
     err = capsys.readouterr().err
     assert code == 2 and message in err and err.count("\n") == 1
