@@ -67,7 +67,7 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -141,6 +141,20 @@ def method_study(method: str, seed: int, budget: int) -> StudyConfig:
     """The quickstart study as `method` searches it with `seed`, MLflow off. A baseline's
     stage asks for more trials than `budget` can pay for (the ledger ends the search)."""
     backend, search = METHODS[method]
+    return load_study(QUICKSTART, study_items(method, seed, backend, search, TRIAL_STEPS, budget))
+
+
+def study_items(
+    method: str,
+    seed: int,
+    backend: str,
+    search: tuple[str, dict[str, Any]] | list[dict[str, Any]] | None,
+    steps: int,
+    budget: int,
+) -> list[str]:
+    """`load_study` overrides for `method` with `seed` on `backend`, MLflow off: `search` is
+    its stages, or one stage's (sampler, pruner) whose trials train `steps` each and number
+    more than `budget` trial-steps pay for, or None (the study file's stages)."""
     items = [
         f"name={method}-s{seed}",
         f"seed={seed}",
@@ -152,16 +166,16 @@ def method_study(method: str, seed: int, budget: int) -> StudyConfig:
         items.append(f"stages={json.dumps(search)}")
     elif search is not None:
         sampler, pruner = search
-        shortest = TRIAL_STEPS if pruner["name"] == "none" else FIRST_EVAL
+        shortest = steps if pruner["name"] == "none" else FIRST_EVAL
         stage = {
             "name": "search",
             "sampler": sampler,
             "trials": budget // shortest + 1,
-            "budget": {"steps": TRIAL_STEPS},
+            "budget": {"steps": steps},
             "pruner": pruner,
         }
         items.append(f"stages={json.dumps([stage])}")
-    return load_study(QUICKSTART, items)
+    return items
 
 
 def budgeted_trial(
@@ -174,23 +188,34 @@ def budgeted_trial(
     runs_dir: Path | None = None,
     **kwargs: Any,
 ) -> TrialOutcome:
-    """`run_trial` while the ledger in `runs_dir` has budget left; afterwards, nothing."""
+    """`run_trial` while the ledger in `runs_dir` has budget left; afterwards, nothing.
+
+    ``budget.json`` there holds the total and what it counts (``cost``: ``steps``, the
+    default, or ``flops``); each ledger entry has the trial's steps, its training FLOPs (the
+    trainer's count for the trial's own model) and its model's width."""
     assert runs_dir is not None
+    from studies.trainer_config import trial_config
+    from trainer.rundir import flops_per_step
+
     ledger = Path(runs_dir) / "ledger.jsonl"
-    total = int(json.loads((Path(runs_dir) / "budget.json").read_text())["total"])
-    spent = sum(entry["steps"] for entry in _read_ledger(ledger))
-    if spent >= total:
+    budget = json.loads((Path(runs_dir) / "budget.json").read_text())
+    cost = budget.get("cost", "steps")
+    spent = sum(entry[cost] for entry in _read_ledger(ledger))
+    if spent >= float(budget["total"]):
         return TrialOutcome("failed", None, "budget spent", 0, [])
     started = time.perf_counter()
     outcome = run_trial(
         study, stage, params, trial_id=trial_id, report=report, runs_dir=runs_dir, **kwargs
     )
+    config = trial_config(study, params, stage)
     entry = {
         "trial": trial_id,
         "stage": stage.name,
         "state": outcome.state,
         "value": outcome.value,
         "steps": outcome.steps,
+        "flops": outcome.steps * flops_per_step(config),
+        "width": getattr(config.model, "d_model", None),
         "seconds": round(time.perf_counter() - started, 3),
         "params": params,
     }
@@ -205,44 +230,66 @@ def _read_ledger(path: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def curve(entries: Sequence[dict[str, Any]], budget: int) -> list[tuple[int, float]]:
-    """(trial-steps spent, best complete value so far) after each trial that ended within the
-    budget and improved the best."""
-    points: list[tuple[int, float]] = []
-    spent = 0
+def curve(
+    entries: Sequence[dict[str, Any]],
+    budget: float,
+    cost: str = "steps",
+    counts: Callable[[dict[str, Any]], bool] | None = None,
+) -> list[tuple[float, float]]:
+    """(budget spent, best complete value so far) after each trial that ended within the
+    budget and improved the best; `cost` is the entries' key the budget counts, `counts`
+    which complete trials may be the best (default: all)."""
+    points: list[tuple[float, float]] = []
+    spent: float = 0
     best = math.inf
     for entry in entries:
-        spent += int(entry["steps"])
+        spent += entry[cost]
         if spent > budget:
             break
         value = entry["value"]
         complete = entry["state"] == "complete" and value is not None
+        if counts is not None and not counts(entry):
+            continue
         if complete and math.isfinite(value) and value < best:
             best = value
             points.append((spent, best))
     return points
 
 
-def best_at(points: Sequence[tuple[int, float]], spent: float) -> float:
+def best_at(points: Sequence[tuple[float, float]], spent: float) -> float:
     """The best value after `spent` trial-steps (inf before the first complete trial)."""
     values = [value for steps, value in points if steps <= spent]
     return min(values) if values else math.inf
 
 
-def steps_to_reach(points: Sequence[tuple[int, float]], target: float) -> float:
+def steps_to_reach(points: Sequence[tuple[float, float]], target: float) -> float:
     """Trial-steps until the best value is at most `target` (inf: never within the budget)."""
     return next((float(steps) for steps, value in points if value <= target), math.inf)
 
 
 def run_one(method: str, seed: int, budget: int, out: Path) -> dict[str, Any]:
     """Run `method` with `seed` in `out/<method>-s<seed>/` and summarise it."""
+    return run_study(method_study(method, seed, budget), method, seed, budget, out)
+
+
+def run_study(
+    study: StudyConfig,
+    method: str,
+    seed: int,
+    budget: float,
+    out: Path,
+    cost: str = "steps",
+    counts: Callable[[dict[str, Any]], bool] | None = None,
+) -> dict[str, Any]:
+    """Run `study` (`method` with `seed`) in `out/<method>-s<seed>/` on its backend, one trial
+    at a time, with `budget` of `cost` in the ledger; the summary, its curve scoring the
+    trials `counts` accepts (default: all)."""
     from studies.backends.optuna import run_optuna
     from studies.backends.ray.runner import run_ray
 
-    study = method_study(method, seed, budget)
     runs = (out / f"{method}-s{seed}").absolute()
     runs.mkdir(parents=True, exist_ok=True)
-    (runs / "budget.json").write_text(json.dumps({"total": budget}))
+    (runs / "budget.json").write_text(json.dumps({"total": budget, "cost": cost}))
     started = time.perf_counter()
     if study.backend == "ray":
         # the Ray workers import this module for the trainable
@@ -260,7 +307,7 @@ def run_one(method: str, seed: int, budget: int, out: Path) -> dict[str, Any]:
         "budget": budget,
         "seconds": round(time.perf_counter() - started, 1),
         "trials": entries,
-        "curve": curve(entries, budget),
+        "curve": curve(entries, budget, cost, counts),
     }
 
 
@@ -346,11 +393,14 @@ def _best_baseline(results: Sequence[dict[str, Any]]) -> tuple[str, float]:
     return method, finals[method]
 
 
-def _within(entries: Sequence[dict[str, Any]], budget: int) -> list[dict[str, Any]]:
-    """The trials that ended within the budget."""
-    kept, spent = [], 0
+def _within(
+    entries: Sequence[dict[str, Any]], budget: float, cost: str = "steps"
+) -> list[dict[str, Any]]:
+    """The trials that ended within the budget (`cost`: the entries' key it counts)."""
+    kept: list[dict[str, Any]] = []
+    spent: float = 0
     for entry in entries:
-        spent += int(entry["steps"])
+        spent += entry[cost]
         if spent > budget:
             break
         kept.append(entry)
@@ -506,19 +556,24 @@ def seed_noise(
 
 
 def _retrain_all(
-    todo: dict[tuple[str, int], dict[str, Any]], jobs: int, runs_dir: Path
+    todo: dict[tuple[str, int], dict[str, Any]],
+    jobs: int,
+    runs_dir: Path,
+    study: tuple[Path, Sequence[str], int] | None = None,
 ) -> Iterator[tuple[tuple[str, int], float | None]]:
     """(key, final value) for each (configuration key, seed) -> params in `todo`, `jobs` at
-    once in their own processes (one: in this one), the cores split between them."""
+    once in their own processes (one: in this one), the cores split between them. `study`:
+    (study file, its overrides, steps) to train under (default: the quickstart's)."""
     threads = max(1, (os.cpu_count() or 1) // max(1, jobs))
+    where = study or (QUICKSTART, (), TRIAL_STEPS)
     if jobs <= 1:
         for key, params in todo.items():
-            yield key, _retrain(params, key[1], threads, runs_dir)
+            yield key, _retrain(params, key[1], threads, runs_dir, where)
         return
     spawn = multiprocessing.get_context("spawn")
     with ProcessPoolExecutor(max_workers=jobs, mp_context=spawn) as pool:
         futures = {
-            key: pool.submit(_retrain, params, key[1], threads, runs_dir)
+            key: pool.submit(_retrain, params, key[1], threads, runs_dir, where)
             for key, params in todo.items()
         }
         for key, future in futures.items():
@@ -529,17 +584,26 @@ def _key(params: dict[str, Any]) -> str:
     return json.dumps(params, sort_keys=True)
 
 
-def _retrain(params: dict[str, Any], seed: int, threads: int, runs_dir: Path) -> float | None:
-    """Train the quickstart's model with `params` and trainer seed `seed` for the full
-    `TRIAL_STEPS`, unpruned, MLflow off; the final val loss (None: the trial failed)."""
+def _retrain(
+    params: dict[str, Any],
+    seed: int,
+    threads: int,
+    runs_dir: Path,
+    where: tuple[Path, Sequence[str], int] = (QUICKSTART, (), TRIAL_STEPS),
+) -> float | None:
+    """Train the model of study file `where[0]` (with overrides `where[1]`) with `params` and
+    trainer seed `seed` for `where[2]` steps, unpruned, MLflow off; the final val loss (None:
+    the trial failed)."""
     import torch
 
     torch.set_num_threads(threads)
+    study_file, items, steps = where
     stage = {"name": "retrain", "sampler": "random", "trials": 1,
-             "budget": {"steps": TRIAL_STEPS}, "pruner": {"name": "none"}}  # fmt: skip
+             "budget": {"steps": steps}, "pruner": {"name": "none"}}  # fmt: skip
     study = load_study(
-        QUICKSTART,
+        study_file,
         [
+            *items,
             "name=seed-noise",
             f"overrides.seed={seed}",
             "overrides.tracking.enabled=false",
@@ -576,9 +640,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--task",
         nargs="+",
-        choices=["quickstart", *EXAMPLE_TASKS],
+        choices=["quickstart", "transfer", *EXAMPLE_TASKS],
         default=["quickstart"],
-        help="quickstart (default): the trainer; branin, learning-curve: the example objectives",
+        help="quickstart (default): the trainer; transfer (first, alone): a muP proxy study "
+        "against searches on an expensive target (benchmarks/transfer_efficiency.py and its "
+        "flags); branin, "
+        "learning-curve: the example objectives",
     )
     parser.add_argument("--out", type=Path, help="folder for the runs (quickstart: required)")
     parser.add_argument("--one", nargs=2, metavar=("METHOD", "SEED"), help=argparse.SUPPRESS)
@@ -596,6 +663,11 @@ def main(argv: list[str] | None = None) -> int:
         help="only retrain the best configuration of each finished run of --methods under "
         "every seed of --seeds, and report what the seed alone changes",
     )
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:2] == ["--task", "transfer"]:  # its own methods and flags follow
+        import transfer_efficiency
+
+        return transfer_efficiency.main(argv[2:])
     args = parser.parse_args(argv)
     examples = [task for task in args.task if task in EXAMPLE_TASKS]
     if examples:

@@ -99,7 +99,10 @@ def test_seed_noise_retrains_each_runs_best_configuration_under_every_seed(
         (tmp_path / f"{method}-s{seed}.json").write_text(json.dumps(run))
     calls: list[tuple[float, int]] = []
 
-    def fake_retrain(params: dict[str, float], seed: int, threads: int, runs_dir: Path) -> object:
+    def fake_retrain(
+        params: dict[str, float], seed: int, threads: int, runs_dir: Path, where: object
+    ) -> object:
+        assert where == (search_efficiency.QUICKSTART, (), search_efficiency.TRIAL_STEPS)
         calls.append((params["optimizer.lr"], seed))
         if params["optimizer.lr"] == 0.3 and seed == 1:
             return None  # a failed retraining counts as no model at all
