@@ -127,10 +127,15 @@ def found(result: dict[str, Any]) -> dict[str, Any] | None:
 
 
 def retrain(
-    results: Sequence[dict[str, Any]], out: Path, seeds: Sequence[int], jobs: int
+    results: Sequence[dict[str, Any]],
+    out: Path,
+    seeds: Sequence[int],
+    jobs: int,
+    train: bool = True,
 ) -> dict[tuple[str, int], list[float]]:
     """(method, seed) -> the retrained final val losses of the configuration that run found,
-    one per seed of `seeds` (inf: that retraining failed). Cached in `out/retrain.jsonl`."""
+    one per seed of `seeds` (inf: that retraining failed). Cached in `out/retrain.jsonl`;
+    `train` False: only the cached ones, runs missing some seed are left out."""
     cache = out / "retrain.jsonl"
     done = {
         (r["method"], se._key(r["params"]), r["seed"]): r["value"] for r in se._read_ledger(cache)
@@ -143,7 +148,7 @@ def retrain(
             if entry is None:
                 continue
             todo.update({(se._key(entry["params"]), s): entry["params"] for s in seeds})
-        todo = {key: p for key, p in todo.items() if (method, *key) not in done}
+        todo = {key: p for key, p in todo.items() if (method, *key) not in done} if train else {}
         where = (STUDY, parametrization(method), TARGET_STEPS)
         for (key, seed), value in se._retrain_all(todo, jobs, out / "retrain" / method, where):
             done[method, key, seed] = value
@@ -152,8 +157,9 @@ def retrain(
                 stream.write(json.dumps({**record, "value": value}) + "\n")
         for result in (r for r in results if r["method"] == method):
             entry = found(result)
-            if entry is not None:
-                values = [done[method, se._key(entry["params"]), s] for s in seeds]
+            keys = [(method, se._key(entry["params"]), s) for s in seeds] if entry else []
+            if keys and all(key in done for key in keys):
+                values = [done[key] for key in keys]
                 draws[method, result["seed"]] = [math.inf if v is None else v for v in values]
     return draws
 
@@ -246,6 +252,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, required=True, help="folder for the runs")
     parser.add_argument("--one", nargs=2, metavar=("METHOD", "SEED"), help=argparse.SUPPRESS)
     parser.add_argument("--report", action="store_true", help="only report the finished runs")
+    parser.add_argument(
+        "--no-retrain", action="store_true", help="report without retraining (cached ones only)"
+    )
     args = parser.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     if args.one:
@@ -267,7 +276,8 @@ def main(argv: list[str] | None = None) -> int:
     if not results:
         print("no finished runs")
         return 1
-    draws = retrain(results, args.out, args.retrain_seeds, args.jobs)
+    seeds = args.retrain_seeds
+    draws = retrain(results, args.out, seeds, args.jobs, train=not args.no_retrain)
     print(report(results, draws))
     plot(results, args.out / "transfer_efficiency.png")
     print(f"# plot: {args.out / 'transfer_efficiency.png'}")

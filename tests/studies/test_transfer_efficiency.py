@@ -67,3 +67,18 @@ def test_every_method_searches_the_same_target_under_its_parametrization() -> No
     study = te.method_study("transfer", 0)
     proxy = flops_per_step(trial_config(study, {}, study.stages[0]))
     assert te.target_flops() / T >= 8 * proxy  # the issue: a target step costs >= 8 proxy steps
+
+
+def test_retrain_reads_the_cache_and_leaves_out_runs_missing_a_seed(tmp_path: Path) -> None:
+    import json
+
+    best = entry("complete", T, 10.0, 2.5)
+    runs = [{"method": "transfer", "seed": s, "budget": 30.0, "trials": [best]} for s in (0, 1)]
+    runs[1]["trials"] = [entry("complete", T, 9.0, 2.4)]  # other params
+    cached = [
+        {"method": "transfer", "params": best["params"], "seed": 100, "value": 2.6},
+        {"method": "transfer", "params": best["params"], "seed": 101, "value": None},
+    ]
+    (tmp_path / "retrain.jsonl").write_text("".join(json.dumps(c) + "\n" for c in cached))
+    draws = te.retrain(runs, tmp_path, [100, 101], jobs=1, train=False)
+    assert draws == {("transfer", 0): [2.6, float("inf")]}  # failed: no model; seed 1: not cached
