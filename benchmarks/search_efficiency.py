@@ -257,7 +257,8 @@ def curve(
 
 
 def best_at(points: Sequence[tuple[float, float]], spent: float) -> float:
-    """The best value after `spent` trial-steps (inf before the first complete trial)."""
+    """The best value once `spent` of the budget is spent (inf before the first complete
+    trial)."""
     values = [value for steps, value in points if steps <= spent]
     return min(values) if values else math.inf
 
@@ -559,13 +560,12 @@ def _retrain_all(
     todo: dict[tuple[str, int], dict[str, Any]],
     jobs: int,
     runs_dir: Path,
-    study: tuple[Path, Sequence[str], int] | None = None,
+    where: tuple[Path, Sequence[str], int] = (QUICKSTART, (), TRIAL_STEPS),
 ) -> Iterator[tuple[tuple[str, int], float | None]]:
     """(key, final value) for each (configuration key, seed) -> params in `todo`, `jobs` at
-    once in their own processes (one: in this one), the cores split between them. `study`:
-    (study file, its overrides, steps) to train under (default: the quickstart's)."""
+    once in their own processes (one: in this one), the cores split between them, trained as
+    `_retrain` does under `where` (study file, its overrides, steps; default the quickstart's)."""
     threads = max(1, (os.cpu_count() or 1) // max(1, jobs))
-    where = study or (QUICKSTART, (), TRIAL_STEPS)
     if jobs <= 1:
         for key, params in todo.items():
             yield key, _retrain(params, key[1], threads, runs_dir, where)

@@ -183,7 +183,7 @@ def report(results: Sequence[dict[str, Any]], draws: dict[tuple[str, int], list[
         targets = se._median([sum(1 for e in k if is_target(e)) for k in kept])
         values = [se.best_at(r["curve"], budget) for r in runs]
         ended = [draws[method, r["seed"]] for r in runs if (method, r["seed"]) in draws]
-        medians = [se._median(values) for values in ended]
+        medians = [se._median(draw) for draw in ended]
         retrained[method] = se._median(medians)
         cell = (
             f"{retrained[method]:.4f} ({min(medians):.3f}-{max(medians):.3f})"
