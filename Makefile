@@ -24,11 +24,11 @@ $(VENV)/.installed-test: pyproject.toml | $(BIN)/python
 install: $(VENV)/.installed
 install-test: $(VENV)/.installed-test
 
-# The main job on the embedded defaults: the quickstart sweep (coarse Sobol + ASHA, then TPE in
-# the narrowed space) over gpt-tiny on the stdlib corpus, every trial in MLflow under runs/;
-# then what the published scaling laws say for a few budgets.
+# The main job on the embedded defaults: the transfer-aware sweep (muP proxies of width 32, then
+# the proxy's best two on the width-128 target) over a byte-level GPT on the stdlib corpus, every
+# trial in MLflow under runs/; then what the published scaling laws say for a few budgets.
 demo: install
-	$(BIN)/scaleplan sweep studies/configs/quickstart.yaml
+	$(BIN)/scaleplan sweep studies/configs/transfer-quickstart.yaml
 	$(BIN)/scaleplan plan --compute 1e19 1e21 1e23
 
 lint: install-test

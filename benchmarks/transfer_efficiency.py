@@ -28,7 +28,7 @@ configuration is retrained with three fresh trainer seeds (``--retrain-seeds``, 
 FLOPs. The plot shows the median best-so-far (values found, target trials only) against
 cumulative FLOPs.
 
-    python benchmarks/search_efficiency.py --task transfer --out /tmp/xfer   # ~55 min, 2 cores
+    python benchmarks/search_efficiency.py --task transfer --out /tmp/xfer   # ~50 min, 2 cores
     python benchmarks/search_efficiency.py --task transfer --out /tmp/xfer --report
 """
 
