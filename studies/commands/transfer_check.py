@@ -23,7 +23,9 @@ NAME = "transfer-check"
 # the default: a 2-layer byte-level GPT on the standard library's sources, 150 steps a trial. At
 # the base width SP and muP are the same network: the readout starts at zero, and its output
 # multiplier (alpha_output, tuned at width 32: the best val loss over LRs 2^-10..2^-5 was 2.87 at
-# 1, 2.52 at 8, 2.40 at 32 and at 64; BENCHMARKS.md) lets it keep up with the rest.
+# 1, 2.52 at 8, 2.40 at 32 and at 64; BENCHMARKS.md) lets it keep up with the rest. The init is
+# fan-in (std 1/sqrt(fan_in)): with the GPT's fixed std 0.02, far below that at these widths, muP's
+# drift was 0.58 and its wide models gained little; with fan-in init 0.47 (BENCHMARKS.md).
 BASE = {
     "steps": 150,
     "log_every": 50,
@@ -37,6 +39,7 @@ BASE = {
         "tie_embeddings": False,
         "zero_init_readout": True,
         "output_multiplier": 32.0,
+        "init": "lecun",
     },
     "data": {"block_size": 64, "batch_size": 16},
     "optimizer": {"name": "adamw", "weight_decay": 0.0},
