@@ -60,7 +60,11 @@ def loss(width: int, log2_lr: float, model: dict[str, Any], par: dict[str, Any] 
 
 
 def best(width: int, lrs: list[float], model: dict[str, Any], par: dict[str, Any] | None) -> str:
-    losses = {x: loss(width, x, model, par) for x in lrs}
+    return summary({x: loss(width, x, model, par) for x in lrs})
+
+
+def summary(losses: dict[float, float]) -> str:
+    """The best loss, its log2 LR, and the whole curve."""
     x = min(losses, key=losses.__getitem__)
     curve = " ".join(f"{k:+.0f}:{v:.3f}" for k, v in losses.items())
     return f"best {losses[x]:.3f} at 2^{x:+.0f}   ({curve})"
@@ -88,10 +92,7 @@ def task_best(width: int, lrs: list[float], parametrization: str, init: str) -> 
     with ProcessPoolExecutor(2) as pool:  # two runs at once, one thread each
         n = len(lrs)
         values = pool.map(task_loss, [width] * n, lrs, [parametrization] * n, [init] * n)
-        losses = dict(zip(lrs, values, strict=True))
-    x = min(losses, key=losses.__getitem__)
-    curve = " ".join(f"{k:+.0f}:{v:.3f}" for k, v in losses.items())
-    return f"best {losses[x]:.3f} at 2^{x:+.0f}   ({curve})"
+        return summary(dict(zip(lrs, values, strict=True)))
 
 
 def main(argv: list[str] | None = None) -> int:
