@@ -4,6 +4,8 @@
 PYTHON ?= python3
 VENV ?= .venv
 TORCH_SPEC ?= torch>=2.6
+# pytest processes (pytest-xdist); each trains with one thread. 0: one process, no xdist.
+PYTEST_WORKERS ?= 2
 BIN := $(VENV)/bin
 
 .PHONY: demo test install install-test lint typecheck pytest clean
@@ -39,7 +41,7 @@ typecheck: install-test
 	$(BIN)/mypy
 
 pytest: install-test
-	$(BIN)/pytest
+	$(BIN)/pytest -n $(PYTEST_WORKERS) --dist loadgroup
 
 # lint, type check, then the tests (the notebooks are executed by tests/e2e/test_notebooks.py).
 test: lint typecheck pytest
