@@ -52,7 +52,7 @@ Device = Literal["auto", "cpu", "cuda"]
 MODEL_KINDS: dict[str, type[BaseModel]] = {"gpt": GPTConfig, "mlp": MLPConfig, "cnn": CNNConfig}
 _EXPONENT_NUMBER = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)[eE][+-]?\d+$")
 # sub-configs whose own checks write the whole line, field path first
-SELF_NAMING = ("model.", "data.", "optimizer.", "schedule.", "parametrization.")
+SELF_NAMING = ("model.", "data.", "optimizer.", "schedule.", "parametrization.", "diagnostics.")
 
 # Fields that cannot change what a run computes: they may differ when a run is resumed.
 OPERATIONAL_FIELDS = (
@@ -125,6 +125,18 @@ class DiagnosticsConfig(BaseModel):
         default=True,
         description="Activation mean/std and dead-unit fraction per block (forward hooks); "
         "skipped when compile is on.",
+    )
+    gns: bool = Field(
+        default=False,
+        description="Gradient noise scale B_simple (McCandlish et al. 2018) from the micro-batch "
+        "and accumulated gradients of every step (trainer.noise_scale); needs grad_accum_steps "
+        ">= 2.",
+    )
+    gns_ema: float = Field(
+        default=0.95,
+        gt=0,
+        lt=1,
+        description="Decay of the moving averages of |G|^2 and tr(Sigma) behind B_simple.",
     )
     peak_flops: float | None = Field(
         default=None,
@@ -259,6 +271,16 @@ class TrainConfig(BaseModel):
     @model_validator(mode="after")
     def _parametrization_fits(self) -> TrainConfig:
         check_parametrization(self.parametrization, self.model, self.optimizer)
+        return self
+
+    @model_validator(mode="after")
+    def _noise_scale_has_two_batches(self) -> TrainConfig:
+        if self.diagnostics.gns and self.grad_accum_steps < 2:
+            raise ValueError(
+                f"diagnostics.gns: true needs two batch sizes, but grad_accum_steps is "
+                f"{self.grad_accum_steps}; set grad_accum_steps >= 2 (each micro-batch is the "
+                "small batch, the step's accumulated gradient the big one)"
+            )
         return self
 
     @property

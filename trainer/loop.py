@@ -52,6 +52,7 @@ from torch import nn
 from trainer.clipping import clip_gradients
 from trainer.config import TrainConfig
 from trainer.diagnostics import ActivationProbe, WeightSnapshot, grad_norms, per_layer_grad_norms
+from trainer.noise_scale import GradientNoiseScale
 from trainer.optim import needs_create_graph
 from trainer.precision import Precision
 from trainer.reproducibility import deterministic_algorithms, set_rng_state
@@ -152,6 +153,7 @@ def _loop(
     named = [(n, p) for n, p in parts.raw_model.named_parameters() if p.requires_grad]
     params = [p for _, p in named]
     probe = _activation_probe(parts)
+    noise_scale = _noise_scale(parts, params)
     create_graph = needs_create_graph(optimizer)
     val_batches = [_to(batch, parts.device) for batch in data.val_batches(config.eval_batches)]
     if parts.saved_rng is not None:
@@ -174,6 +176,8 @@ def _loop(
         diagnosing = logging and done % config.diagnostics_every == 0
 
         # 1. sample, forward, loss, backward: grad_accum_steps micro-batches, each loss / k
+        if noise_scale is not None:
+            noise_scale.start(precision.loss_scale())
         micro_batches = (
             _to(data.get_batch("train", step, micro=m), parts.device)
             for m in range(config.grad_accum_steps)
@@ -186,12 +190,15 @@ def _loop(
             label_smoothing=config.label_smoothing,
             create_graph=create_graph,
             probe=probe if diagnosing else None,
+            after_micro_batch=noise_scale.after_micro_batch if noise_scale is not None else None,
         )
 
         # 2. true-size gradients, measured before clipping; stop or skip on NaN / inf
         precision.unscale_(optimizer)
         grad_norm, per_param = grad_norms(params)
         loss_value, grad_norm_value = loss.item(), grad_norm.item()
+        if noise_scale is not None:
+            noise_scale.update(grad_norm_value)
         lrs = [group["lr"] for group in optimizer.param_groups]  # the lr of this update
         clipped, snapshot = False, None
         # under fp16 an overflowing gradient is routine: the scaler skips that step itself
@@ -234,6 +241,8 @@ def _loop(
                 metrics.update(snapshot.metrics() if snapshot is not None else {})
             if diagnosing and probe is not None:
                 metrics.update(probe.metrics())
+            if noise_scale is not None:
+                metrics.update(noise_scale.metrics())
             if logging:
                 s.train_curve.append((done, loss_value))
             if evaluating:
@@ -265,12 +274,15 @@ def forward_backward(
     label_smoothing: float = 0.0,
     create_graph: bool = False,
     probe: ActivationProbe | None = None,
+    after_micro_batch: Callable[[int], object] | None = None,
 ) -> torch.Tensor:
     """Accumulate the gradient of the mean loss over `accum_steps` equal micro-batches.
 
     Each micro-batch's mean loss is divided by `accum_steps` before its backward, so the summed
     gradient equals the gradient of the mean loss over the concatenated batch. Returns that
-    mean loss (detached). `probe` hooks the first micro-batch's forward pass only.
+    mean loss (detached). `probe` hooks the first micro-batch's forward pass only;
+    `after_micro_batch(m)` is called after micro-batch m's backward (the gradient noise scale
+    reads each micro-batch's gradient there).
     """
     total: torch.Tensor | None = None
     for m, (x, y) in enumerate(micro_batches):
@@ -281,6 +293,8 @@ def forward_backward(
         if accum_steps > 1:
             loss = loss / accum_steps
         precision.backward(loss, create_graph=create_graph)
+        if after_micro_batch is not None:
+            after_micro_batch(m)
         total = loss.detach().float() if total is None else total + loss.detach().float()
     assert total is not None, "no micro-batches"
     return total
@@ -406,6 +420,20 @@ def _activation_probe(parts: Parts) -> ActivationProbe | None:
     if not diagnostics.activations or parts.config.compile:
         return None  # hooks on a compiled module would force recompilation
     return ActivationProbe(parts.raw_model)
+
+
+def _noise_scale(parts: Parts, params: list[nn.Parameter]) -> GradientNoiseScale | None:
+    config = parts.config
+    if not config.diagnostics.gns:
+        return None
+    micro_batch = parts.data.batch_size
+    return GradientNoiseScale(
+        params,
+        micro_batch=micro_batch,
+        accum_steps=config.grad_accum_steps,
+        tokens_per_example=parts.data.tokens_per_batch // micro_batch,
+        ema=config.diagnostics.gns_ema,
+    )
 
 
 def _to(

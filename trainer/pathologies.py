@@ -30,7 +30,7 @@ from trainer.tracking import METRICS_FILE, read_metrics
 
 __all__ = ["CHECKS", "Finding", "Metrics", "diagnose", "diagnose_run"]
 
-Severity = Literal["warning", "error"]
+Severity = Literal["info", "warning", "error"]
 
 # Loss spikes: loss above the trailing median by K robust standard deviations (1.4826 * MAD) of
 # the SPIKE_WINDOW records before it (fewer in short runs: a fifth of them, at least 10). K = 6
@@ -76,6 +76,12 @@ EDGE_FRACTION = 0.1  # "early" and "late" are the first and last 10% of records 
 VAL_RISE = 0.02
 GAP_GROWTH = 0.05
 MIN_EVALS_AFTER = 2
+# Batch against the noise scale: judged on the last quarter of the B_simple records; "far" is
+# a factor of 2 either way: with S = S_min(1 + B_noise/B) and E = E_min(1 + B/B_noise)
+# (McCandlish et al. 2018, eq. 2.11), half B_noise takes 3x the fewest steps, twice it 3x the
+# fewest examples.
+NOISE_SCALE_TAIL = 0.25
+BATCH_FAR = 2.0
 
 
 @dataclass(frozen=True)
@@ -670,6 +676,68 @@ def _train_at(metrics: Metrics, eval_steps: np.ndarray) -> np.ndarray | None:
     return np.array(out)
 
 
+# --- batch size against the gradient noise scale -----------------------------------------
+
+
+def check_batch_size(metrics: Metrics) -> list[Finding]:
+    """Where the batch sits against the online B_simple (`diagnostics.gns`), over the last
+    NOISE_SCALE_TAIL of its records (the noise scale grows as the loss falls, and the late
+    value is the one a longer run will see). Below B_simple steps fall almost in proportion
+    to a larger batch; far above it they barely fall (McCandlish et al. 2018, eq. 2.11)."""
+    b_simple, batch = metrics.get("gns/b_simple"), metrics.get("gns/batch")
+    if b_simple is None or batch is None:
+        return []
+    b_simple = b_simple.finite()
+    if len(b_simple) == 0:
+        return []
+    first = int(b_simple.steps[int(len(b_simple) * (1 - NOISE_SCALE_TAIL))])
+    tail = b_simple.between(first, int(b_simple.steps[-1]))
+    noise, size = float(np.median(tail.values)), float(batch.values[-1])
+    if noise <= 0:
+        return []
+    steps = (int(tail.steps[0]), int(tail.steps[-1]))
+    tokens = metrics.get("gns/b_simple_tokens")
+    tokens = tokens.between(*steps).finite() if tokens is not None else None
+    per_example = float(tokens.values[-1] / tail.values[-1]) if tokens and len(tokens) else 1.0
+    in_tokens = f" ({noise * per_example:.3g} tokens)" if per_example > 1 else ""
+    ratio = noise / size
+    if ratio >= BATCH_FAR:
+        return [
+            Finding(
+                "batch below the noise scale",
+                "info",
+                steps,
+                f"batch {size:g} is {ratio:.2g}x below B_simple ≈ {noise:.3g}{in_tokens}: larger"
+                " batches would parallelise almost perfectly (steps fall nearly in proportion)",
+                "raise data.batch_size or grad_accum_steps toward B_simple to finish in fewer"
+                " steps, scaling the lr with it (linear for SGD, square root for Adam);"
+                " `scaleplan batch-size` measures the critical batch directly",
+            )
+        ]
+    if ratio <= 1 / BATCH_FAR:
+        return [
+            Finding(
+                "batch above the noise scale",
+                "warning",
+                steps,
+                f"batch {size:g} is {1 / ratio:.2g}x above B_simple ≈ {noise:.3g}{in_tokens}:"
+                " beyond the critical batch, more examples per step save few steps",
+                "lower the batch toward B_simple and spend the examples on more steps, or"
+                " accept the extra compute for the wall-clock gain",
+            )
+        ]
+    return [
+        Finding(
+            "batch near the noise scale",
+            "info",
+            steps,
+            f"batch {size:g} is within {BATCH_FAR:g}x of B_simple ≈ {noise:.3g}{in_tokens}:"
+            " a balanced trade of steps against examples",
+            "none needed",
+        )
+    ]
+
+
 # --- shared ----------------------------------------------------------------------------------
 
 
@@ -691,6 +759,7 @@ CHECKS: dict[str, Check] = {
     "dead_units": check_dead_units,
     "activations": check_activations,
     "generalisation": check_generalisation,
+    "batch_size": check_batch_size,
 }
 
 

@@ -115,6 +115,10 @@ class Precision:
                 create_graph=create_graph
             )
 
+    def loss_scale(self) -> float:
+        """The factor the loss is multiplied by before backward: fp16's scale, else 1."""
+        return 1.0 if self.scaler is None else float(self.scaler.get_scale())
+
     def unscale_(self, optimizer: torch.optim.Optimizer) -> None:
         """Bring gradients back to their true size, before norms and clipping."""
         if self.scaler is not None:

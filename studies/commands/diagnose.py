@@ -53,9 +53,10 @@ def run(args: argparse.Namespace) -> int:
     from rich.table import Table
 
     errors = sum(f.severity == "error" for f in findings)
+    notes = sum(f.severity == "info" for f in findings)
     table = Table(
         title=f"{args.run_dir}: {len(findings)} finding(s) in {n_records} records",
-        caption=f"{errors} error(s), {len(findings) - errors} warning(s)."
+        caption=f"{errors} error(s), {len(findings) - errors - notes} warning(s), {notes} note(s)."
         " Thresholds and their sources: trainer/pathologies.py.",
         title_justify="left",
         caption_justify="left",
@@ -67,7 +68,7 @@ def run(args: argparse.Namespace) -> int:
         layers = list(finding.layers[:MAX_LAYERS_SHOWN])
         if len(finding.layers) > MAX_LAYERS_SHOWN:
             layers.append(f"+{len(finding.layers) - MAX_LAYERS_SHOWN} more")
-        colour = "red" if finding.severity == "error" else "yellow"
+        colour = {"error": "red", "warning": "yellow"}.get(finding.severity, "cyan")
         first, last = finding.steps
         table.add_row(
             escape(finding.pathology),
