@@ -73,8 +73,8 @@ class ScheduleConfig(BaseModel):
     gamma: float | None = Field(
         None,
         gt=0.0,
-        le=1.0,
-        description="step/multistep: factor per drop (default 0.1); exponential: factor per step.",
+        description="step/multistep: factor per drop, at most 1 (default 0.1); exponential: "
+        "factor per step (above 1 the lr grows, as in an LR range test).",
     )
     milestones: list[int] = Field(
         default_factory=list, description="multistep: absolute steps at which lr drops by gamma."
@@ -124,6 +124,11 @@ class ScheduleConfig(BaseModel):
             raise ValueError("step_size: required for 'cyclic' (half-cycle length in steps)")
         if self.name == "exponential" and self.gamma is None:
             raise ValueError("gamma: required for 'exponential' (factor per step, e.g. 0.999)")
+        if self.name in ("step", "multistep") and self.gamma is not None and self.gamma > 1:
+            raise ValueError(
+                f"gamma: {self.gamma!r} is not allowed for '{self.name}': a drop multiplies the "
+                "lr by gamma, so 0 < gamma <= 1"
+            )
         if self.name == "multistep" and not self.milestones:
             raise ValueError("milestones: required for 'multistep' (steps at which lr drops)")
         if self.milestones != sorted(set(self.milestones)) or any(m < 1 for m in self.milestones):
