@@ -9,6 +9,7 @@ import numpy as np
 from numpy.typing import ArrayLike, NDArray
 from scipy.optimize import brentq, minimize_scalar
 
+from planner.batch import MeasuredBatch, kaplan_critical_batch, scale_critical_batch
 from planner.errors import InputError
 from planner.hparams import optimal_batch_tokens, optimal_learning_rate
 from planner.laws import FLOPS_PER_PARAM_TOKEN, Form
@@ -45,13 +46,20 @@ def _optimum(law: Law, params: Mapping[str, float], compute: FloatArray) -> dict
 
 
 def compute_optimal(
-    law: Law, compute_flops: ArrayLike, *, level: float = 0.8
+    law: Law,
+    compute_flops: ArrayLike,
+    *,
+    level: float = 0.8,
+    measured_batch: MeasuredBatch | None = None,
 ) -> list[dict[str, Any]]:
     """Compute-optimal N, D, tokens per parameter and loss for each budget C = 6ND.
 
     With bootstrap samples on the law, each quantity also gets ``_low``/``_high`` bounds: the
     central ``level`` interval over the samples. Rows also carry the DeepSeek LLM power laws for
-    the learning rate and batch size at that compute.
+    the learning rate and batch size at that compute (``batch_tokens``), Kaplan's critical batch
+    at the predicted loss (``kaplan_b_crit_tokens``) and, given `measured_batch` (a
+    ``scaleplan batch-size`` result), that B_crit carried to the predicted loss with Kaplan's
+    exponent (``measured_b_crit_tokens``), which becomes the recommended ``batch_tokens``.
     """
     compute = positive_values(compute_flops, "--compute", "training FLOPs such as 1e21")
     best = _optimum(law, law.params, compute)
@@ -78,6 +86,14 @@ def compute_optimal(
                 row[f"{key}_high"] = _number(bands[key][1][i])
         row["learning_rate"] = float(learning_rate[i])
         row["batch_tokens"] = float(batch_tokens[i])
+        row["batch_from"] = "deepseek"
+        loss = row["loss"]
+        row["kaplan_b_crit_tokens"] = None if loss is None else float(kaplan_critical_batch(loss))
+        if measured_batch is not None and loss is not None:
+            carried = scale_critical_batch(measured_batch.b_crit_tokens, measured_batch.loss, loss)
+            row["measured_b_crit_tokens"] = float(carried)
+            row["batch_tokens"] = float(carried)
+            row["batch_from"] = "measured"
         rows.append(row)
     return rows
 

@@ -31,6 +31,14 @@ def number(text: str) -> float:
     return value
 
 
+def comma_ints(text: str) -> list[int]:
+    """A comma-separated list of integers, e.g. 8,16,32; argparse names the option."""
+    try:
+        return [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{text}' is not a comma-separated list") from None
+
+
 def key_value(text: str) -> tuple[str, str]:
     key, sep, value = text.partition("=")
     if not sep or not key:
@@ -51,6 +59,19 @@ def add_set_option(parser: argparse.ArgumentParser, help_text: str) -> None:
     )
 
 
+def add_study_options(parser: argparse.ArgumentParser, default_out: str) -> None:
+    """The options of a command that runs a study it writes: --seed, --out, --tracking-uri,
+    --json."""
+    from pathlib import Path
+
+    parser.add_argument("--seed", type=int, default=0, help="the samplers' seed")
+    parser.add_argument("--out", type=Path, default=Path(default_out), metavar="DIR")
+    parser.add_argument(
+        "--tracking-uri", metavar="URI", help="MLflow tracking URI; 'none' turns MLflow off"
+    )
+    parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
+
+
 # Subcommand name -> (module, one-line help). Each module has `add_arguments(parser)` and
 # `run(args) -> int`; it is imported only to build its own parser or to run.
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -68,6 +89,14 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "transfer": (
         "studies.commands.transfer",
         "The wide model's config from a tuned muP proxy (width, depth, horizon).",
+    ),
+    "lr-find": (
+        "studies.commands.lr_find",
+        "The learning-rate range test: a peak LR from one short run.",
+    ),
+    "batch-size": (
+        "studies.commands.batch_size",
+        "The critical batch size: steps and examples to a loss at several batch sizes.",
     ),
     "coord-check": (
         "studies.commands.coord_check",

@@ -223,14 +223,16 @@ def plot_transfer(check: TransferCheck, path: Path) -> Path:
     return save_png(fig, path)
 
 
-def write_study_file(raw: Mapping[str, Any], path: Path) -> Path:
+def write_study_file(
+    raw: Mapping[str, Any], path: Path, by: str = "scaleplan transfer-check"
+) -> Path:
     """The study as YAML (atomically), rerunnable with ``scaleplan sweep``."""
     import yaml
 
     from trainer.tracking import write_text_atomic
 
     path.parent.mkdir(parents=True, exist_ok=True)
-    text = "# written by scaleplan transfer-check\n" + yaml.safe_dump(dict(raw), sort_keys=False)
+    text = f"# written by {by}\n" + yaml.safe_dump(dict(raw), sort_keys=False)
     write_text_atomic(path, text)
     return path
 

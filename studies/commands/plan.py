@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 from typing import Any
 
 from studies.cli import number
@@ -59,6 +60,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=0.8,
         help="central interval for bands from bootstrap samples (default 0.8)",
     )
+    parser.add_argument(
+        "--batch-from",
+        type=Path,
+        metavar="FILE",
+        help="a `scaleplan batch-size` result (batch_size.json): recommend the batch from your "
+        "measured B_crit, carried to the predicted loss with Kaplan's exponent",
+    )
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
 
 
@@ -94,14 +102,16 @@ def run(args: argparse.Namespace) -> int:
 
 def _frontier(laws: list[Any], args: argparse.Namespace) -> int:
     from planner.allocate import compute_optimal
+    from planner.batch import load_measured_batch
     from planner.hardware import gpu_hours_to_flops
 
+    measured = load_measured_batch(args.batch_from) if args.batch_from else None
     compute = args.compute
     if args.gpu_hours is not None:
         compute = gpu_hours_to_flops(args.gpu_hours, args.gpu, args.mfu)
     rows = []
     for law in laws:
-        law_rows = compute_optimal(law, compute, level=args.level)
+        law_rows = compute_optimal(law, compute, level=args.level, measured_batch=measured)
         if args.gpu_hours is not None:
             for row, hours in zip(law_rows, args.gpu_hours, strict=True):
                 row.update(gpu_hours=hours, gpu=args.gpu, mfu=args.mfu)
@@ -118,6 +128,7 @@ def _frontier(laws: list[Any], args: argparse.Namespace) -> int:
             "loss",
             "peak LR",
             "batch (tokens)",
+            "Kaplan B_crit",
         ]
         if args.gpu_hours is not None:
             columns.insert(1, f"{args.gpu} GPU-hours")
@@ -131,6 +142,7 @@ def _frontier(laws: list[Any], args: argparse.Namespace) -> int:
                 output.with_band(row, "loss", output.fixed),
                 f"{row['learning_rate']:.2e}",
                 output.count(row["batch_tokens"]),
+                output.count(row["kaplan_b_crit_tokens"]),
             ]
             if args.gpu_hours is not None:
                 cells.insert(1, output.count(row["gpu_hours"]))
@@ -139,18 +151,30 @@ def _frontier(laws: list[Any], args: argparse.Namespace) -> int:
             f"{law.name}: compute-optimal allocation",
             columns,
             table,
-            caption=_caption(law, args.level),
+            caption=_caption(law, args.level, measured),
         )
     return 0
 
 
-def _caption(law: Any, level: float) -> str:
+def _caption(law: Any, level: float, measured: Any = None) -> str:
     lines = [law.citation, f"N counts {law.n_counts} parameters."]
     if law.form != "allocation":
         lines[-1] += f" Loss in {law.loss_units}."
     if law.bootstrap:
         lines.append(f"[low–high]: central {level:.0%} over {len(law.bootstrap)} bootstrap fits.")
-    lines.append("Peak LR and batch: DeepSeek LLM power laws (arXiv:2401.02954, eq. 1).")
+    if measured is None:
+        lines.append("Peak LR and batch: DeepSeek LLM power laws (arXiv:2401.02954, eq. 1).")
+    else:
+        lines.append(
+            "Peak LR: DeepSeek LLM (arXiv:2401.02954, eq. 1). Batch: your B_crit "
+            f"({output.count(measured.b_crit_tokens)} tokens at loss {measured.loss:.4g}, "
+            f"{measured.source}) carried to the predicted loss as L^(-1/0.21); meaningful when "
+            "the law was fitted on the same data (`scaleplan fit` on your runs)."
+        )
+    lines.append(
+        "Kaplan B_crit: 2e8 tokens / L^(1/0.21) at the predicted loss (Kaplan et al. 2020, "
+        "eq. 5.1; their WebText2 nats)."
+    )
     return "\n".join(lines)
 
 

@@ -203,6 +203,19 @@ def _gap(value: float | None, best: float | None) -> str:
 # The live view
 
 
+def run_study_reports(
+    study: Any, *, runs_dir: Path, study_file: Path, quiet: bool
+) -> tuple[dict[str, Any], list[Any]]:
+    """`studies.sweep.run_sweep_reports` with the live view on stderr, or none when `quiet`
+    (a command printing JSON): what the study commands built on the engine run."""
+    from studies.sweep import NullView, run_sweep_reports
+
+    if quiet:
+        return run_sweep_reports(study, runs_dir=runs_dir, view=NullView(), study_file=study_file)
+    with LiveView(study.name, len(study.stages)) as view:
+        return run_sweep_reports(study, runs_dir=runs_dir, view=view, study_file=study_file)
+
+
 class LiveView:
     """One progress line per stage on stderr: trials done, by state, and the best so far."""
 

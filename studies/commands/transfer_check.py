@@ -16,7 +16,7 @@ import argparse
 import math
 from pathlib import Path
 
-from studies.cli import number
+from studies.cli import add_study_options, comma_ints, number
 from studies.commands import output
 
 NAME = "transfer-check"
@@ -48,29 +48,22 @@ BASE = {
 }
 
 
-def _ints(text: str) -> list[int]:
-    try:
-        return [int(part) for part in text.split(",") if part.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"'{text}' is not a comma-separated list") from None
-
-
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--widths",
-        type=_ints,
+        type=comma_ints,
         default=[32, 64, 128, 256],
         help="comma-separated GPT widths (d_model); muP's base is the smallest (32,64,128,256)",
     )
     parser.add_argument(
         "--depths",
-        type=_ints,
+        type=comma_ints,
         default=[],
         help="sweep depths (n_layer) instead, at the smallest width (depth-muP base: the smallest)",
     )
     parser.add_argument(
         "--horizons",
-        type=_ints,
+        type=comma_ints,
         default=[],
         help="sweep step counts instead, at the smallest width under muP, and fit the horizon "
         "law log lr* = a - b log T (for `scaleplan transfer --steps`)",
@@ -87,19 +80,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar=("LOW", "HIGH"),
         help="the LR range, as log2 (-13 -4)",
     )
-    parser.add_argument("--seed", type=int, default=0, help="the samplers' seed")
-    parser.add_argument("--out", type=Path, default=Path("runs/transfer-check"), metavar="DIR")
-    parser.add_argument(
-        "--tracking-uri", metavar="URI", help="MLflow tracking URI; 'none' turns MLflow off"
-    )
-    parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    add_study_options(parser, "runs/transfer-check")
 
 
 def run(args: argparse.Namespace) -> int:
     import yaml
 
+    from studies.commands.sweep import run_study_reports
     from studies.errors import StudyError
-    from studies.sweep import NullView, prepare_study, run_sweep_reports
+    from studies.sweep import prepare_study
     from studies.transfer import (
         TransferCheck,
         plot_transfer,
@@ -140,17 +129,9 @@ def run(args: argparse.Namespace) -> int:
     )
     study_path = write_study_file(raw, out / f"{NAME}.yaml")
     study = prepare_study(study_path, tracking_uri=args.tracking_uri)
-    if args.json:
-        summary, reports = run_sweep_reports(
-            study, runs_dir=out, view=NullView(), study_file=study_path
-        )
-    else:
-        from studies.commands.sweep import LiveView
-
-        with LiveView(study.name, len(study.stages)) as view:
-            summary, reports = run_sweep_reports(
-                study, runs_dir=out, view=view, study_file=study_path
-            )
+    summary, reports = run_study_reports(
+        study, runs_dir=out, study_file=study_path, quiet=args.json
+    )
     axis = "horizon" if args.horizons else "depth" if args.depths else "width"
     check = TransferCheck.from_reports(reports, axis)
     if not any(points for curves in check.curves.values() for points in curves.values()):
