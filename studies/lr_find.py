@@ -6,14 +6,16 @@ the training loss of each step is smoothed by a bias-corrected moving average (Î
 the run stops once the smoothed loss passes `stop_factor` times its best, or goes non-finite.
 
 The curve is read after the run, smoothed without lag (a centred mean over a tenth of its
-points), up to where it stopped:
+points), up to the end of its first descent: where the loss first climbs back by a tenth of
+what it had dropped (a run with clipping may recover from that instability and dip again at a
+higher lr, which is no peak to train at):
 
 - ``suggested_lr``: the lr at which 95% of the smoothed loss's drop (from its start to its
   minimum) is done. Smith's advice for the upper bound of a cycle: where the loss stops falling
   (past it more lr buys little descent, and the curve nears the cliff);
 - ``steepest``: where the smoothed loss falls fastest against log lr (fastai's "steep"; the
   first and last few points left out);
-- ``minimum_tenth``: a tenth of the lr at the smoothed minimum (fastai's older rule).
+- ``minimum_tenth``: a tenth of the lr at the descent's minimum (fastai's older rule).
 
 The test runs `trainer.train` on the config with these changes only: `optimizer.lr` = min,
 schedule `exponential` (no warm-up) with gamma = (max/min)^(1/(nâˆ’1)), `steps` = n, a record
@@ -24,6 +26,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,6 +43,7 @@ __all__ = [
     "one_cycle_config",
     "plot_range_test",
     "range_test_overrides",
+    "resolve_around",
     "with_values",
 ]
 
@@ -48,6 +52,10 @@ STOP_FACTOR = 4.0  # fastai's: stop once the smoothed loss is 4x its best
 SKIP_START, SKIP_END = 10, 5  # points left out of the steepest-descent reading (fastai's)
 CENTRED_WINDOW = 0.1  # the readings' smoothing: a centred mean over a tenth of the points
 DESCENT_FRACTION = 0.95  # the suggestion: where 95% of the loss's drop is done
+RISE_FRACTION = 0.1  # the descent ends once the loss climbs back a tenth of its drop so far,
+DESCENT_STARTED = (
+    0.2  # counted once a fifth of the whole drop is done (noise on the plateau is no end)
+)
 
 
 @dataclass
@@ -114,8 +122,20 @@ class RangeTest:
                 f"too few to read; lower --min (now {self.min_lr:g}) or raise --steps"
             )
         smooth = self.read_curve()
-        lowest = int(np.argmin(smooth))
         start = float(smooth[:SKIP_START].mean())
+        # the descent ends where the loss first climbs back by a tenth of what it had dropped:
+        # past that instability a run with clipping may recover and dip again at a higher lr,
+        # which is no peak to train at
+        floor = np.minimum.accumulate(smooth)
+        dropped = np.maximum(start - floor, 0)
+        rising = np.flatnonzero(
+            (smooth > floor + RISE_FRACTION * dropped)
+            & (dropped >= DESCENT_STARTED * (start - float(smooth.min())))
+        )
+        rising = rising[rising > SKIP_START]
+        if len(rising):
+            smooth, lrs = smooth[: rising[0]], lrs[: rising[0]]
+        lowest = int(np.argmin(smooth))
         drop = start - float(smooth[lowest])
         if drop <= 0:
             raise StudyError(
@@ -221,9 +241,11 @@ def lr_find(
     max_lr: float = 10.0,
     steps: int = 100,
     out_dir: Path,
+    config_hash: str | None = None,
 ) -> LRFindResult:
     """Run the range test on the trainer config `raw` (a mapping, as read from YAML) in
-    `out_dir`: the run, ``lr_find.png`` and ``lr_find.json``."""
+    `out_dir`: the run, ``lr_find.png`` and ``lr_find.json`` (with `config_hash`, when given,
+    so that a study can tell its own result again)."""
     from trainer.config import parse_config
     from trainer.loop import StepInfo, StopTraining, train
     from trainer.tracking import json_safe, write_text_atomic
@@ -236,13 +258,17 @@ def lr_find(
             raise StopTraining("diverged")
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    result = train(config, [feed], out_dir=out_dir / "run")
+    run = out_dir / "run"
+    if (run / "run.json").is_file():
+        shutil.rmtree(run)  # a rerun replaces the earlier range test, a throwaway run
+    result = train(config, [feed], out_dir=run)
     if result.stopped_reason == "nonfinite":
         test.record(math.nan)  # the loop stops before recording a non-finite step
     suggestions = test.suggestions()
     plot = plot_range_test(test, suggestions, out_dir / "lr_find.png")
     found = LRFindResult(suggestions, test, out_dir, plot)
-    write_text_atomic(out_dir / "lr_find.json", json.dumps(json_safe(found.to_dict()), indent=2))
+    payload = found.to_dict() | ({"config_hash": config_hash} if config_hash else {})
+    write_text_atomic(out_dir / "lr_find.json", json.dumps(json_safe(payload), indent=2))
     return found
 
 
@@ -288,3 +314,57 @@ def plot_range_test(test: RangeTest, suggestions: Mapping[str, float], path: Pat
     ax.legend(fontsize=8)
     fig.tight_layout()
     return save_png(fig, path)
+
+
+# ---------------------------------------------------------------------------------------------
+# A study's space centred on the range test: ``optimizer.lr: {around: lr_find, factor: 10}``
+
+AROUND_FACTOR = 10.0  # the default reach either side of the suggestion
+
+
+def resolve_around(study: Any, runs_dir: Path) -> Any:
+    """`study` (a StudyConfig) with each ``around: lr_find`` range made concrete: the range
+    test runs once on the first stage's trainer config, in ``runs_dir/<study>/lr-find/``; a
+    rerun or resume of the study reads the result kept there (same config: same range)."""
+    from studies.trainer_config import trial_config
+    from trainer.config import config_hash
+
+    around = {key: spec for key, spec in study.space.items() if spec.around is not None}
+    if not around:
+        return study
+    for key in around:
+        if not study.is_trainer:
+            raise StudyError(
+                f"space.{key}.around: lr_find runs the trainer's LR range test; a callable "
+                "objective has none (give low and high)"
+            )
+        if key != "optimizer.lr":
+            raise StudyError(
+                f"space.{key}.around: lr_find suggests optimizer.lr; {key} needs low and high"
+            )
+    config = trial_config(study, {}, study.stages[0])
+    digest = config_hash(config)
+    out = Path(runs_dir) / study.name / "lr-find"
+    kept = out / "lr_find.json"
+    suggestion = None
+    if kept.is_file():
+        payload = json.loads(kept.read_text())
+        if payload.get("config_hash") == digest:
+            suggestion = float(payload["suggested_lr"])
+    if suggestion is None:
+        found = lr_find(config.model_dump(mode="json"), out_dir=out, config_hash=digest)
+        suggestion = found.suggestions["suggested_lr"]
+    space = dict(study.space)
+    for key, spec in around.items():
+        factor = spec.factor or AROUND_FACTOR
+        # from here on a plain range: the storage and every stage see numbers
+        space[key] = spec.model_copy(
+            update={
+                "low": suggestion / factor,
+                "high": suggestion * factor,
+                "log": True,
+                "around": None,
+                "factor": None,
+            }
+        )
+    return study.model_copy(update={"space": space})

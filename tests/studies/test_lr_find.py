@@ -111,6 +111,8 @@ def test_cli_prints_json_writes_the_plot_and_a_one_cycle_config(tmp_path: Path, 
     ]
     assert main(argv) == 0
     payload = json.loads(capsys.readouterr().out)
+    assert main(argv) == 0  # a rerun into the same folder replaces the range test
+    assert json.loads(capsys.readouterr().out)["curve"] == payload["curve"]
     assert 1e-5 <= payload["suggested_lr"] <= 10
     assert payload["steepest"] > 0 and payload["minimum_tenth"] > 0
     assert len(payload["curve"]) == payload["steps_run"] <= 40
@@ -136,3 +138,54 @@ def test_cli_bad_range_exits_2_without_writing(tmp_path: Path, capsys) -> None:
         "to --max: expected 0 < min < max"
     ]
     assert not out.exists()
+
+
+def write_around_study(tmp_path: Path, space: dict) -> Path:
+    (tmp_path / "tiny.yaml").write_text(yaml.safe_dump({**TINY, "tracking": {"enabled": False}}))
+    study = {
+        "name": "around",
+        "base": "tiny.yaml",
+        "space": space,
+        "stages": [{"name": "coarse", "sampler": "random", "trials": 2, "budget": {"steps": 6}}],
+        "mlflow": False,
+    }
+    path = tmp_path / "around.yaml"
+    path.write_text(yaml.safe_dump(study))
+    return path
+
+
+def test_a_study_range_centred_on_the_range_test_is_kept_for_the_resume(tmp_path: Path) -> None:
+    from studies.sweep import prepare_study, run_sweep_reports
+
+    path = write_around_study(tmp_path, {"optimizer.lr": {"around": "lr_find", "factor": 4}})
+    runs = tmp_path / "runs"
+    _, reports = run_sweep_reports(prepare_study(path), runs_dir=runs)
+    kept = runs / "around" / "lr-find" / "lr_find.json"
+    suggestion = json.loads(kept.read_text())["suggested_lr"]
+    spec = reports[0].space["optimizer.lr"]
+    assert spec.bounds == pytest.approx((suggestion / 4, suggestion * 4)) and spec.log
+    assert all(spec.contains(t["params"]["optimizer.lr"]) for t in reports[0].trials)
+    before = kept.stat().st_mtime_ns
+    _, again = run_sweep_reports(prepare_study(path), runs_dir=runs)  # resume: nothing to run
+    assert kept.stat().st_mtime_ns == before and len(again[0].trials) == 2
+
+
+@pytest.mark.parametrize(
+    ("space", "message"),
+    [
+        (
+            {"optimizer.lr": {"around": "lr_find", "low": 1e-4}},
+            "space.optimizer.lr.low: not used with around: lr_find",
+        ),
+        (
+            {"optimizer.weight_decay": {"around": "lr_find"}},
+            "space.optimizer.weight_decay.around: lr_find suggests optimizer.lr",
+        ),
+        ({"optimizer.lr": {"low": 1e-4, "high": 1e-2, "factor": 3}}, "factor: only with around"),
+    ],
+)
+def test_around_mistakes_are_one_line(tmp_path: Path, capsys, space: dict, message: str) -> None:
+    path = write_around_study(tmp_path, space)
+    assert main(["sweep", str(path), "--runs-dir", str(tmp_path / "runs")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0], err
