@@ -127,6 +127,15 @@ class ParamSpec(BaseModel):
         description="Active only when each named categorical parameter takes this value (or "
         "one of a list); an inactive parameter is not sampled and keeps the base value.",
     )
+    around: Literal["lr_find"] | None = Field(
+        default=None,
+        description="lr_find: the range is centred on the LR range test's suggestion for the "
+        "first stage's trainer config (run once, before the first trial, and kept in the "
+        "study's folder): [suggestion / factor, suggestion * factor], log. No low or high.",
+    )
+    factor: float | None = Field(
+        default=None, gt=1, description="With around: how far the range reaches either side (10)."
+    )
 
     @model_validator(mode="before")
     @classmethod
@@ -147,7 +156,19 @@ class ParamSpec(BaseModel):
     @model_validator(mode="after")
     def _check_range(self) -> ParamSpec:
         # Messages start with the field's name: the error formatter prefixes the parameter's path.
-        if self.type == "categorical":
+        if self.factor is not None and self.around is None:
+            raise ValueError("factor: only with around (the range's reach either side)")
+        if self.around is not None:
+            for field in ("low", "high", "choices"):
+                if getattr(self, field) is not None:
+                    raise ValueError(
+                        f"{field}: not used with around: {self.around}, which sets the range "
+                        "from the LR range test (factor sets its reach)"
+                    )
+            if self.type != "float":
+                raise ValueError(f"around: {self.around} is for a float key, not {self.type}")
+            self.log = True
+        elif self.type == "categorical":
             for field in ("low", "high"):
                 if getattr(self, field) is not None:
                     raise ValueError(f"{field}: not used by a categorical parameter (use choices)")
@@ -193,6 +214,8 @@ class ParamSpec(BaseModel):
     def bounds(self) -> tuple[float, float]:
         """(low, high) of a float or int parameter."""
         if self.low is None or self.high is None:
+            if self.around is not None:
+                raise TypeError(f"around: {self.around} sets the range when the sweep starts")
             raise TypeError("a categorical parameter has no bounds")
         return self.low, self.high
 

@@ -203,11 +203,13 @@ def run_sweep_reports(
 ) -> tuple[dict[str, Any], list[StageReport]]:
     """`run_sweep`, with the stage reports (every trial's record) beside the summary."""
     from studies.backends import get_backend
+    from studies.lr_find import resolve_around
     from studies.mlflow_study import StudyTracker
 
     runs = Path(runs_dir)
     view = view or NullView()
     started = time.perf_counter()
+    study = resolve_around(study, runs)  # an LR range centred on the range test, if asked for
     preflight(study, runs, ray_address)
     backend = get_backend(study.backend)
     enabled = tracking_enabled(study)

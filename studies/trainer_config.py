@@ -191,6 +191,8 @@ def check_trainer_keys(study: StudyConfig) -> None:
         _check_key(tree, name, f"space.{name}")
     for name, spec in study.space.items():
         # an active conditional parameter comes with its condition's values
+        if spec.around is not None:
+            continue  # the range comes from the LR range test when the sweep starts
         context = _condition_values(study.space, name)
         values = spec.choices if spec.type == "categorical" else list(spec.bounds)
         for value in values or []:
