@@ -381,8 +381,12 @@ def plot_critical_batch(result: CriticalBatch, path: Path) -> Path:
         label=f"(S/S_min-1)(E/E_min-1)=1, B_crit {fit.b_crit:.3g}",
     )
     ax.plot([2 * fit.e_min], [2 * fit.s_min], "*", ms=12, color="C3", label="B = B_crit")
+    from matplotlib.ticker import NullFormatter
+
     ax.set_xscale("log")
     ax.set_yscale("log")
+    for axis in (ax.xaxis, ax.yaxis):
+        axis.set_minor_formatter(NullFormatter())  # the log axes' minor labels overlap
     ax.set_xlabel("examples to target E")
     ax.set_ylabel("steps to target S")
     title = f"Critical batch at loss {result.target_loss:.3g}"
