@@ -90,9 +90,7 @@ def run(args: argparse.Namespace) -> int:
         )
     examples = args.examples if args.examples is not None else config.steps * base_batch
     out: Path = args.out
-    out.mkdir(parents=True, exist_ok=True)
     base = out.absolute() / "base.yaml"
-    write_text_atomic(base, yaml.safe_dump(raw, sort_keys=False))
     study_raw = batch_size_study_file(
         base,
         batches=batches,
@@ -106,6 +104,9 @@ def run(args: argparse.Namespace) -> int:
         name=NAME,
         seed=args.seed,
     )
+    # every check above writes nothing; from here the study's folder
+    out.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(base, yaml.safe_dump(raw, sort_keys=False))
     study_path = write_study_file(study_raw, out / f"{NAME}.yaml", by=f"scaleplan {NAME}")
     study = prepare_study(study_path, tracking_uri=args.tracking_uri)
     _, reports = run_study_reports(study, runs_dir=out, study_file=study_path, quiet=args.json)

@@ -130,6 +130,7 @@ def test_cli_measures_bcrit_on_a_gpt_and_plan_recommends_from_it(tmp_path: Path,
         (["--batches", "8,16"], "--batches: 8,16; the trade-off fit needs at least 3"),
         (["--batches", "8,16,4096"], "--batches: 4096 is larger than the training data"),
         (["--target-loss", "-1"], "--target-loss: -1; expected a loss above 0"),
+        (["--batches", "8,16,32", "--examples", "10"], "--examples: 10; expected at least"),
     ],
 )
 def test_cli_bad_input_is_one_line_and_exit_2(
