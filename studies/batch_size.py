@@ -132,15 +132,11 @@ def batch_size_study_file(
             if lr_rule != "tuned":
                 overrides["optimizer.lr"] = lr
             stage["overrides"] = overrides
-        if lr_rule == "tuned" and stages:
-            # the range moves with the batch as the sqrt rule does: at fixed examples the steps
-            # T = examples / B, so lr ∝ B^½ ∝ T^-½, the horizon law with b = ½
-            stage["horizon"] = {"key": "optimizer.lr", "b": 0.5}
+        if lr_rule == "tuned":  # each batch size its own range, around the sqrt rule's LR
+            stage["space"] = {"optimizer.lr": _tuned_range(base_lr, batch, base_batch)}
         stages.append(stage)
     if lr_rule == "tuned":
-        centre = scaled_lr(base_lr, values[0], base_batch, "sqrt")
-        low, high = centre / TUNED_SPREAD, centre * TUNED_SPREAD
-        space: dict[str, Any] = {"optimizer.lr": {"low": low, "high": high, "log": True}}
+        space: dict[str, Any] = {"optimizer.lr": _tuned_range(base_lr, values[0], base_batch)}
     else:
         space = {"seed": {"choices": [seed]}}  # nothing to search: one run per batch size
     raw: dict[str, Any] = {"name": name, "space": space, "stages": stages, "seed": seed}
@@ -159,6 +155,11 @@ def batch_size_study_file(
             "diagnostics.activations": False,
         }
     return raw
+
+
+def _tuned_range(base_lr: float, batch: int, base_batch: int) -> dict[str, Any]:
+    centre = scaled_lr(base_lr, batch, base_batch, "sqrt")
+    return {"low": centre / TUNED_SPREAD, "high": centre * TUNED_SPREAD, "log": True}
 
 
 def steps_to_target(curve: Sequence[tuple[int, float]], target: float) -> float | None:

@@ -446,6 +446,11 @@ class StageSpec(BaseModel):
         description="Shift the range of horizon.key from the stage before's horizon to this "
         "one's along the horizon law (after narrowing). Not allowed on the first stage.",
     )
+    space: dict[str, ParamSpec] = Field(
+        default_factory=dict,
+        description="This stage's own ranges for some of the study's searched keys, replacing "
+        "what the stage would have had (e.g. a learning-rate range per batch size).",
+    )
 
 
 class ObjectiveSpec(BaseModel):
@@ -628,6 +633,12 @@ class StudyConfig(BaseModel):
                 )
         self._check_objective()
         for stage in self.stages:
+            for key in stage.space:
+                if key not in self.space:
+                    raise StudyError(
+                        f"stages.{stage.name}.space.{key}: not searched by the study; a stage "
+                        f"gives its own range only to keys of space ({', '.join(self.space)})"
+                    )
             for key in stage.overrides:
                 if key in self.space:
                     raise StudyError(

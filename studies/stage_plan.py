@@ -111,6 +111,10 @@ def plan_stage(
     space, warm, notes = _stage_space(study, index, earlier[-1] if earlier else None)
     if stage.horizon is not None and earlier:
         _move_to_horizon(study, index, earlier, steps, space, warm, notes)
+    for key, spec in stage.space.items():
+        space[key] = spec
+        warm = [w for w in warm if key not in w or spec.contains(w[key])]
+        notes.append(f"{key}: this stage's own range {spec.describe()}")
     direction = study.objective.direction or "minimize"
     meta = {
         "index": index,

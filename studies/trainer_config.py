@@ -189,10 +189,16 @@ def check_trainer_keys(study: StudyConfig) -> None:
         raise StudyError(f"overrides: with base {base_name}: {error}") from None
     for name in study.space:
         _check_key(tree, name, f"space.{name}")
-    for name, spec in study.space.items():
-        # an active conditional parameter comes with its condition's values
+    ranges = [(f"space.{name}", name, spec) for name, spec in study.space.items()]
+    ranges += [
+        (f"stages.{stage.name}.space.{name}", name, spec)
+        for stage in study.stages
+        for name, spec in stage.space.items()
+    ]
+    for where, name, spec in ranges:
         if spec.around is not None:
             continue  # the range comes from the LR range test when the sweep starts
+        # an active conditional parameter comes with its condition's values
         context = _condition_values(study.space, name)
         values = spec.choices if spec.type == "categorical" else list(spec.bounds)
         for value in values or []:
@@ -202,7 +208,7 @@ def check_trainer_keys(study: StudyConfig) -> None:
                 raise
             except ConfigError as error:
                 raise StudyError(
-                    f"space.{name}: {value!r} is not a valid trainer value ({error})"
+                    f"{where}: {value!r} is not a valid trainer value ({error})"
                 ) from None
     for stage in study.stages:
         field = f"stages.{stage.name}.overrides"

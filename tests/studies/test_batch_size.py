@@ -153,3 +153,38 @@ def test_plan_batch_from_a_bad_file_is_one_line(tmp_path: Path, capsys) -> None:
         f"scaleplan plan: error: --batch-from: {bad}: b_crit_tokens is 'many'; expected the "
         "positive number a `scaleplan batch-size` result holds"
     )
+
+
+def test_tuned_stages_each_search_around_their_own_sqrt_rule_lr() -> None:
+    # a floor of steps gives the large batches equal steps: their ranges still follow the batch
+    raw = batch_size_study_file(
+        Path("base.yaml"),
+        batches=[8, 32, 128],
+        lr_rule="tuned",
+        base_lr=1e-3,
+        base_batch=8,
+        examples=1024,
+        min_steps=100,
+    )
+    for stage, batch in zip(raw["stages"], [8, 32, 128], strict=True):
+        spec = stage["space"]["optimizer.lr"]
+        centre = 1e-3 * (batch / 8) ** 0.5
+        assert (spec["low"], spec["high"]) == pytest.approx((centre / 4, centre * 4))
+    assert [s["budget"]["steps"] for s in raw["stages"]] == [128, 100, 100]
+
+
+def test_a_stage_range_for_a_key_the_study_does_not_search_is_refused(tmp_path: Path) -> None:
+    from studies.config import validate_study
+
+    raw = batch_size_study_file(
+        None,
+        callable_name="nqm_objective:nqm",
+        batches=[4, 8, 16],
+        lr_rule="tuned",
+        base_lr=0.5,
+        base_batch=4,
+        examples=64,
+    )
+    raw["stages"][1]["space"] = {"optimizer.momentum": {"low": 0.1, "high": 0.9}}
+    with pytest.raises(StudyError, match=r"^stages.b8.space.optimizer.momentum: not searched"):
+        validate_study(raw)
