@@ -44,7 +44,6 @@ __all__ = [
     "plot_range_test",
     "range_test_overrides",
     "resolve_around",
-    "with_values",
 ]
 
 SMOOTHING = 0.98  # fastai's β
@@ -207,13 +206,6 @@ def range_test_overrides(test: RangeTest) -> dict[str, Any]:
     }
 
 
-def with_values(raw: Mapping[str, Any], values: Mapping[str, Any]) -> dict[str, Any]:
-    """`raw` with each dotted key set, through the trainer's own `--set` mechanism."""
-    from trainer.config import apply_overrides
-
-    return apply_overrides(dict(raw), [f"{k}={json.dumps(v)}" for k, v in values.items()])
-
-
 @dataclass(frozen=True)
 class LRFindResult:
     suggestions: dict[str, float]
@@ -251,7 +243,9 @@ def lr_find(
     from trainer.tracking import json_safe, write_text_atomic
 
     test = RangeTest(min_lr, max_lr, steps)
-    config = parse_config(with_values(raw, range_test_overrides(test)))
+    from studies.trainer_config import with_values
+
+    config = parse_config(with_values(raw, range_test_overrides(test), "lr-find"))
 
     def feed(info: StepInfo) -> None:
         if test.record(info.train_loss):
@@ -275,7 +269,10 @@ def lr_find(
 def one_cycle_config(raw: Mapping[str, Any], peak_lr: float) -> dict[str, Any]:
     """`raw` with a one-cycle schedule (Smith & Topin 2019) peaking at `peak_lr`; the
     schedule's other knobs are torch's OneCycleLR defaults."""
-    return with_values(raw, {"optimizer.lr": peak_lr, "schedule": {"name": "one_cycle"}})
+    from studies.trainer_config import with_values
+
+    overrides = {"optimizer.lr": peak_lr, "schedule": {"name": "one_cycle"}}
+    return with_values(raw, overrides, "--write-config")
 
 
 def plot_range_test(test: RangeTest, suggestions: Mapping[str, float], path: Path) -> Path:

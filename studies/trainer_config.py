@@ -116,7 +116,7 @@ def space_limits(study: StudyConfig) -> dict[str, Limits]:
     return limits
 
 
-def _with_values(raw: dict[str, Any], values: Mapping[str, Any], field: str) -> dict[str, Any]:
+def with_values(raw: Mapping[str, Any], values: Mapping[str, Any], field: str) -> dict[str, Any]:
     """`raw` with dotted keys set through the trainer's own override mechanism; a numeric last
     segment replaces one element of the tuple or list already there."""
     from trainer.config import apply_overrides
@@ -154,12 +154,12 @@ def _resolved_raw(
 
     field = "overrides"
     try:
-        raw = _with_values(study.base_raw(), study.overrides, field)
+        raw = with_values(study.base_raw(), study.overrides, field)
         if stage is not None and stage.overrides:
             field = f"stages.{stage.name}.overrides"
-            raw = _with_values(raw, stage.overrides, field)
+            raw = with_values(raw, stage.overrides, field)
         field = "space"
-        return _with_values(raw, params, field) if params else raw
+        return with_values(raw, params, field) if params else raw
     except StudyError:
         raise
     except ConfigError as error:
