@@ -46,19 +46,6 @@ def key_value(text: str) -> tuple[str, str]:
     return key, value
 
 
-def add_set_option(parser: argparse.ArgumentParser, help_text: str) -> None:
-    """``--set KEY=VALUE ...``, repeatable, into ``args.overrides``."""
-    parser.add_argument(
-        "--set",
-        dest="overrides",
-        action="extend",
-        nargs="+",
-        default=[],
-        metavar="KEY=VALUE",
-        help=help_text,
-    )
-
-
 def add_study_options(parser: argparse.ArgumentParser, default_out: str) -> None:
     """The options of a command that runs a study it writes: --seed, --out, --tracking-uri,
     --json."""

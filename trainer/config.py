@@ -28,6 +28,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from trainer.data import DataConfig
+from trainer.distributed import DistributedConfig
 from trainer.errors import ConfigError
 from trainer.models import CNNConfig, GPTConfig, MLPConfig, ModelConfig
 from trainer.optim import OptimizerConfig
@@ -62,6 +63,7 @@ OPERATIONAL_FIELDS = (
     "diagnostics",
     "tracking",
     "data.cache_dir",
+    "distributed",  # N ranks compute the single-process trajectory (same global batch)
 )
 
 
@@ -128,9 +130,10 @@ class DiagnosticsConfig(BaseModel):
     )
     gns: bool = Field(
         default=False,
-        description="Gradient noise scale B_simple (McCandlish et al. 2018) from the micro-batch "
-        "and accumulated gradients of every step (trainer.noise_scale); needs grad_accum_steps "
-        ">= 2.",
+        description="Gradient noise scale B_simple (McCandlish et al. 2018) from two batch sizes "
+        "every step (trainer.noise_scale): the micro-batches and the accumulated gradient, or "
+        "under DDP each rank's gradient and the all-reduced one; needs grad_accum_steps >= 2 "
+        "or more than one DDP process.",
     )
     gns_ema: float = Field(
         default=0.95,
@@ -234,6 +237,10 @@ class TrainConfig(BaseModel):
         default_factory=DiagnosticsConfig, description="Diagnostics on logging steps."
     )
     tracking: TrackingConfig = Field(default_factory=TrackingConfig, description="MLflow tracking.")
+    distributed: DistributedConfig = Field(
+        default_factory=DistributedConfig,
+        description="DDP or FSDP2 over the processes torchrun starts (trainer.distributed).",
+    )
 
     def __init__(self, **data: Any) -> None:
         # keyword construction from Python gets the same one-line errors as YAML does
@@ -271,16 +278,6 @@ class TrainConfig(BaseModel):
     @model_validator(mode="after")
     def _parametrization_fits(self) -> TrainConfig:
         check_parametrization(self.parametrization, self.model, self.optimizer)
-        return self
-
-    @model_validator(mode="after")
-    def _noise_scale_has_two_batches(self) -> TrainConfig:
-        if self.diagnostics.gns and self.grad_accum_steps < 2:
-            raise ValueError(
-                f"diagnostics.gns: true needs two batch sizes, but grad_accum_steps is "
-                f"{self.grad_accum_steps}; set grad_accum_steps >= 2 (each micro-batch is the "
-                "small batch, the step's accumulated gradient the big one)"
-            )
         return self
 
     @property

@@ -62,9 +62,24 @@ CPU_MATMUL_SIZE = 512
 def grad_norms(params: Sequence[nn.Parameter]) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """Global L2 norm of the gradients and each parameter's own (zeros where grad is None)."""
     grads = [p.grad if p.grad is not None else p.new_zeros(()) for p in params]
-    norms = list(torch._foreach_norm(grads))
-    total = torch.linalg.vector_norm(torch.stack([n.float() for n in norms]))
-    return total, norms
+    norms = l2_norms(grads)
+    return torch.linalg.vector_norm(norms), list(norms.unbind())
+
+
+def l2_norms(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Each tensor's L2 norm, as one float vector. FSDP2's tensors are shards (DTensors):
+    each rank squares its shards and one all-reduce adds them up, so every rank gets the
+    whole norms."""
+    if not any(hasattr(t, "to_local") for t in tensors):
+        return torch.stack([n.float() for n in torch._foreach_norm(list(tensors))])
+    import torch.distributed as dist
+
+    from trainer.distributed import local_tensor
+
+    local = [local_tensor(t) for t in tensors]
+    squares = torch.stack([n.float() for n in torch._foreach_norm(local)]).square()
+    dist.all_reduce(squares, op=dist.ReduceOp.SUM)
+    return squares.sqrt()
 
 
 class WeightSnapshot:
@@ -81,9 +96,9 @@ class WeightSnapshot:
             return out
         after = [p.detach() for _, p in self.named]
         deltas = torch._foreach_sub(after, self.before)
-        update = torch.stack(torch._foreach_norm(deltas)).tolist()
-        old = torch.stack(torch._foreach_norm(self.before)).tolist()
-        new = torch.stack(torch._foreach_norm(after)).tolist()
+        update = l2_norms(deltas).tolist()
+        old = l2_norms(self.before).tolist()
+        new = l2_norms(after).tolist()
         for (name, _), d, w0, w1 in zip(self.named, update, old, new, strict=True):
             out[f"update_ratio/{name}"] = d / w0 if w0 > 0 else math.inf
             out[f"weight_norm/{name}"] = w1

@@ -52,6 +52,15 @@ from torch import nn
 from trainer.clipping import clip_gradients
 from trainer.config import TrainConfig
 from trainer.diagnostics import ActivationProbe, WeightSnapshot, grad_norms, per_layer_grad_norms
+from trainer.distributed import (
+    all_mean,
+    all_sum,
+    first_reason,
+    gradient_sync,
+    leave_world,
+    shard_rows,
+    state_bytes,
+)
 from trainer.noise_scale import GradientNoiseScale
 from trainer.optim import needs_create_graph
 from trainer.precision import Precision
@@ -133,7 +142,7 @@ def train(
     trials this way).
     """
     session_start = time.perf_counter()
-    with deterministic_algorithms(config.deterministic):
+    with deterministic_algorithms(config.deterministic), leave_world():
         parts = build_run(config, out_dir, resume, start_from)  # every user error is raised here
         tracker = start_run(parts, parent_run_id, tags)
         try:
@@ -149,13 +158,16 @@ def _loop(
     parts: Parts, tracker: Tracker, callbacks: list[Callback], session_start: float
 ) -> RunResult:
     config, data, model, optimizer = parts.config, parts.data, parts.model, parts.optimizer
-    precision, scheduler, s = parts.precision, parts.scheduler, parts.state
+    precision, scheduler, s, world = parts.precision, parts.scheduler, parts.state, parts.world
     named = [(n, p) for n, p in parts.raw_model.named_parameters() if p.requires_grad]
     params = [p for _, p in named]
     probe = _activation_probe(parts)
     noise_scale = _noise_scale(parts, params)
     create_graph = needs_create_graph(optimizer)
-    val_batches = [_to(batch, parts.device) for batch in data.val_batches(config.eval_batches)]
+    val_batches = [  # this rank's rows of the fixed set; the sums are reduced over ranks
+        _to(shard_rows(batch, world), parts.device)
+        for batch in data.val_batches(config.eval_batches)
+    ]
     if parts.saved_rng is not None:
         set_rng_state(parts.saved_rng)  # last, so nothing above draws from the restored streams
     clip_options = config.clip.model_dump(exclude={"mode"})
@@ -178,8 +190,8 @@ def _loop(
         # 1. sample, forward, loss, backward: grad_accum_steps micro-batches, each loss / k
         if noise_scale is not None:
             noise_scale.start(precision.loss_scale())
-        micro_batches = (
-            _to(data.get_batch("train", step, micro=m), parts.device)
+        micro_batches = (  # every rank its rows of the single-process stream's batch
+            _to(shard_rows(data.get_batch("train", step, micro=m), world), parts.device)
             for m in range(config.grad_accum_steps)
         )
         loss = forward_backward(
@@ -195,6 +207,7 @@ def _loop(
 
         # 2. true-size gradients, measured before clipping; stop or skip on NaN / inf
         precision.unscale_(optimizer)
+        loss = all_mean(loss, world)  # each rank's loss is the mean over its equal share
         grad_norm, per_param = grad_norms(params)
         loss_value, grad_norm_value = loss.item(), grad_norm.item()
         if noise_scale is not None:
@@ -229,6 +242,7 @@ def _loop(
                 )
                 break
             s.skipped_steps += 1
+        memory = state_bytes(parts.raw_model, optimizer) if logging else {}
         optimizer.zero_grad(set_to_none=True)
         scheduler.step()
         s.step, s.tokens = done, s.tokens + parts.tokens_per_step
@@ -236,6 +250,7 @@ def _loop(
         # 4. record, evaluate, call back, checkpoint
         if logging or evaluating:
             metrics = _step_metrics(parts, interval, loss_value, grad_norm_value, clipped, lrs)
+            metrics.update(memory)
             if diagnosing and config.diagnostics.per_layer:
                 metrics.update(per_layer_grad_norms(named, per_param))
                 metrics.update(snapshot.metrics() if snapshot is not None else {})
@@ -251,7 +266,7 @@ def _loop(
             tracker.log_metrics(metrics, step=done)
             save_now = functools.partial(save_run, parts, session_start)
             info = StepInfo(done, s.tokens, loss_value, metrics.get("val_loss"), metrics, save_now)
-            stopped_reason = _call_back(callbacks, info) or stopped_reason
+            stopped_reason = first_reason(_call_back(callbacks, info), world) or stopped_reason
             interval = _Interval(s.step, s.tokens, time.perf_counter())
         if (
             done == config.steps
@@ -287,12 +302,14 @@ def forward_backward(
     total: torch.Tensor | None = None
     for m, (x, y) in enumerate(micro_batches):
         hooks = probe.attached() if probe is not None and m == 0 else contextlib.nullcontext()
-        with hooks, _twice_differentiable(create_graph), precision.autocast():
-            _, loss = model(x, y, label_smoothing=label_smoothing)
-        assert loss is not None  # targets were given
-        if accum_steps > 1:
-            loss = loss / accum_steps
-        precision.backward(loss, create_graph=create_graph)
+        # under DDP / FSDP2, gradients are all-reduced on the last micro-batch only
+        with gradient_sync(model, m == accum_steps - 1):
+            with hooks, _twice_differentiable(create_graph), precision.autocast():
+                _, loss = model(x, y, label_smoothing=label_smoothing)
+            assert loss is not None  # targets were given
+            if accum_steps > 1:
+                loss = loss / accum_steps
+            precision.backward(loss, create_graph=create_graph)
         if after_micro_batch is not None:
             after_micro_batch(m)
         total = loss.detach().float() if total is None else total + loss.detach().float()
@@ -380,10 +397,15 @@ def _evaluate(
         if parts.data.task == "classify":
             correct += (logits.argmax(dim=-1) == y).sum()
     model.train(was_training)
-    metrics = {"val_loss": (loss_sum / max(count, 1)).item()}
+    totals = all_sum(
+        torch.stack([loss_sum, correct.float(), torch.tensor(float(count), device=parts.device)]),
+        parts.world,
+    )
+    loss_sum, correct, total = totals.unbind()
+    metrics = {"val_loss": (loss_sum / total.clamp_min(1)).item()}
     s.val_curve.append((s.step, metrics["val_loss"]))
     if parts.data.task == "classify":
-        metrics["val_accuracy"] = correct.item() / max(count, 1)
+        metrics["val_accuracy"] = (correct / total.clamp_min(1)).item()
         s.val_accuracy_curve.append((s.step, metrics["val_accuracy"]))
     if s.interval_steps > 0:
         metrics["train_loss_avg"] = s.interval_loss_sum / s.interval_steps
@@ -427,13 +449,18 @@ def _noise_scale(parts: Parts, params: list[nn.Parameter]) -> GradientNoiseScale
     if not config.diagnostics.gns:
         return None
     micro_batch = parts.data.batch_size
-    return GradientNoiseScale(
+    noise_scale = GradientNoiseScale(
         params,
         micro_batch=micro_batch,
         accum_steps=config.grad_accum_steps,
         tokens_per_example=parts.data.tokens_per_batch // micro_batch,
         ema=config.diagnostics.gns_ema,
+        world=parts.world,
     )
+    ddp = getattr(parts.model, "_orig_mod", parts.model)  # under torch.compile
+    if isinstance(ddp, nn.parallel.DistributedDataParallel):  # per-rank gradients, see there
+        ddp.register_comm_hook(None, noise_scale.ddp_comm_hook)
+    return noise_scale
 
 
 def _to(

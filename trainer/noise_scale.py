@@ -11,10 +11,13 @@ covariance. Each is smoothed by its own exponential moving average (bias-correct
 moments), and the simple noise scale is the ratio of the averages: B_simple = tr(Σ) / |G|².
 Beyond it, a larger batch buys little: the critical batch size B_crit ≈ B_noise (their eq. 2.8).
 
-Here the small batches are the micro-batches of gradient accumulation (each one's gradient is
-the difference of the accumulated gradient before and after it; their squared norms are
-averaged) and the big batch is the accumulated gradient of the step. Norms are taken after the
-fp16 loss scale is divided out and before clipping.
+Two ways to get the small batches. With one process, they are the micro-batches of gradient
+accumulation (each one's gradient is the difference of the accumulated gradient before and
+after it; their squared norms are averaged) and the big batch is the accumulated gradient of
+the step. Under DDP with several ranks, the small batch is each rank's own gradient (over its
+rows of every micro-batch), read by a DDP communication hook from the gradient buckets just
+before the all-reduce, its squared norm averaged over ranks; the big batch is the all-reduced
+gradient. Norms are taken after the fp16 loss scale is divided out and before clipping.
 
 Metrics, on logging steps: ``gns/b_simple`` (examples), ``gns/b_simple_tokens``,
 ``gns/grad_sq`` (|G|²), ``gns/trace`` (tr Σ), ``gns/batch`` (examples per step, B_big).
@@ -26,7 +29,10 @@ import math
 from collections.abc import Sequence
 
 import torch
+import torch.distributed as dist
 from torch import nn
+
+from trainer.distributed import World, all_mean
 
 __all__ = ["GradientNoiseScale", "noise_scale_parts"]
 
@@ -43,11 +49,15 @@ def noise_scale_parts(
 
 
 class GradientNoiseScale:
-    """B_simple from micro-batch and accumulated gradients, as a loop hook.
+    """B_simple from micro-batch (or per-rank) and accumulated gradients, as a loop hook.
 
     Per step: ``start(loss_scale)``, then ``after_micro_batch(m)`` after each micro-batch's
     backward (the loop's `forward_backward` calls it), then ``update(big_grad_norm)`` with the
     accumulated gradient's norm (unscaled, before clipping). ``metrics()`` reads the averages.
+    With a `world` of several ranks, the per-rank gradients are the small batches instead:
+    ``ddp_comm_hook`` goes to `DistributedDataParallel.register_comm_hook`, and
+    after_micro_batch does nothing. `micro_batch` counts the rows of one micro-batch over all
+    ranks.
     """
 
     def __init__(
@@ -58,12 +68,17 @@ class GradientNoiseScale:
         accum_steps: int,
         tokens_per_example: int = 1,
         ema: float = 0.95,
+        world: World | None = None,
     ) -> None:
-        if accum_steps < 2:
-            raise ValueError("the gradient noise scale needs two batch sizes: accum_steps >= 2")
+        self.world = world or World()
+        self.per_rank = self.world.distributed
+        if accum_steps < 2 and not self.per_rank:
+            raise ValueError(
+                "the gradient noise scale needs two batch sizes: accum_steps >= 2 or ranks >= 2"
+            )
         self.params = list(params)
-        self.b_small = float(micro_batch)
         self.b_big = float(micro_batch * accum_steps)
+        self.b_small = self.b_big / self.world.size if self.per_rank else float(micro_batch)
         self.accum_steps = accum_steps
         self.tokens_per_example = tokens_per_example
         self.beta = ema
@@ -81,6 +96,8 @@ class GradientNoiseScale:
 
     def after_micro_batch(self, m: int) -> None:
         """The squared norm of micro-batch m's own gradient, kept on the device (no sync)."""
+        if self.per_rank:
+            return
         grads = [
             p.grad.detach() if p.grad is not None else torch.zeros_like(p) for p in self.params
         ]
@@ -99,13 +116,27 @@ class GradientNoiseScale:
             else:
                 torch._foreach_copy_(self._previous, grads)
 
+    def ddp_comm_hook(
+        self, process_group: dist.ProcessGroup | None, bucket: dist.GradBucket
+    ) -> torch.futures.Future[torch.Tensor]:
+        """DDP communication hook: add this rank's bucket to its squared gradient norm, then
+        all-reduce and average the bucket as DDP's default hook does."""
+        from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
+
+        squared = bucket.buffer().detach().float().square().sum()
+        self._small_sum = squared if self._small_sum is None else self._small_sum + squared
+        self._count = self.accum_steps
+        return allreduce_hook(process_group, bucket)  # type: ignore[arg-type]
+
     def update(self, big_grad_norm: float) -> None:
         """Fold this step's pair into the averages; a step with non-finite norms is left out."""
         if self._small_sum is None or self._count != self.accum_steps:
             return
-        # each micro-batch's loss was divided by accum_steps: its own gradient is k times this
-        k_sq = float(self.accum_steps) ** 2
-        small_sq = self._small_sum.item() / self._count * k_sq * self._inv_scale_sq
+        if self.per_rank:  # each rank's gradient of its own mean loss; the mean over ranks
+            small_sq = all_mean(self._small_sum, self.world).item() * self._inv_scale_sq
+        else:  # each micro-batch's loss was divided by accum_steps: its gradient is k times this
+            k_sq = float(self.accum_steps) ** 2
+            small_sq = self._small_sum.item() / self._count * k_sq * self._inv_scale_sq
         big_sq = big_grad_norm * big_grad_norm
         if not (math.isfinite(small_sq) and math.isfinite(big_sq)):
             return
@@ -133,3 +164,12 @@ class GradientNoiseScale:
             "gns/trace": self._trace_ema / self._weight,
             "gns/batch": self.b_big,
         }
+
+
+# DDP checks a communication hook's annotations as objects; `from __future__ import
+# annotations` left them as strings
+GradientNoiseScale.ddp_comm_hook.__annotations__.update(
+    bucket=dist.GradBucket,
+    process_group=dist.ProcessGroup | None,
+    **{"return": torch.futures.Future[torch.Tensor]},
+)

@@ -34,11 +34,14 @@ from trainer.checkpoint import (
     latest_checkpoint,
     list_checkpoints,
     load_checkpoint,
+    load_model_and_optimizer,
     save_checkpoint,
+    save_sharded_checkpoint,
 )
 from trainer.config import TrainConfig, config_hash
 from trainer.data import DataSource, build_data
 from trainer.diagnostics import flops_per_token, peak_flops
+from trainer.distributed import World, init_world, parallelize
 from trainer.errors import ConfigError
 from trainer.models import build_model
 from trainer.optim import build_optimizer
@@ -46,7 +49,7 @@ from trainer.parametrization import parametrize
 from trainer.precision import Precision, build_precision, resolve_device
 from trainer.reproducibility import rng_state, run_provenance, seed_everything
 from trainer.schedules import build_scheduler
-from trainer.tracking import Tracker, json_safe, plot_run, write_text_atomic
+from trainer.tracking import NullTracker, Tracker, json_safe, plot_run, write_text_atomic
 
 __all__ = [
     "KILL_AFTER_CHECKPOINT_ENV",
@@ -54,6 +57,8 @@ __all__ = [
     "Parts",
     "RunResult",
     "build_run",
+    "check_world",
+    "default_run_dir",
     "finish_run",
     "flops_per_step",
     "run_result",
@@ -62,8 +67,10 @@ __all__ = [
 ]
 
 DEFAULT_RUNS_DIR = Path("runs") / "train"
-# Test hook: SIGKILL this process right after the checkpoint of this step is on disk.
+# Test hook: SIGKILL this process right after the checkpoint of this step is on disk (under
+# several processes, only the rank in KILL_RANK_ENV when it is set).
 KILL_AFTER_CHECKPOINT_ENV = "SCALEPLAN_TEST_KILL_AFTER_CHECKPOINT"
+KILL_RANK_ENV = "SCALEPLAN_TEST_KILL_RANK"
 
 
 @dataclass
@@ -141,7 +148,8 @@ class Parts:
     precision: Precision
     data: DataSource
     raw_model: nn.Module  # the module itself (checkpoints, diagnostics)
-    model: nn.Module  # what runs forward: raw_model, or torch.compile of it
+    model: nn.Module  # what runs forward: raw_model (FSDP2-sharded or not) or DDP around it,
+    # or torch.compile of that
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
     state: LoopState
@@ -149,9 +157,10 @@ class Parts:
     continues_run: bool  # resume: this folder's run goes on (metrics.jsonl, the MLflow run)
     saved_rng: dict[str, Any] | None
     flops_per_token: float
-    peak_flops: float
+    peak_flops: float  # of all ranks together
     peak_flops_source: str
-    tokens_per_step: int
+    tokens_per_step: int  # over all ranks
+    world: World = field(default_factory=World)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -170,9 +179,9 @@ def build_run(
     hyperparameters (see the module docstring); with `resume` the run in `out_dir` goes on
     from it, else `out_dir` starts a new run at the checkpoint's step.
     """
-    device = resolve_device(config.device)
+    world, device = init_world(config.distributed, resolve_device(config.device))
     precision = build_precision(config.precision, device)
-    run_dir = _run_dir(config, out_dir, resume)
+    run_dir = _run_dir(config, out_dir, resume, world)
     saved: dict[str, Any] | None = None
     resumed_from = None
     if start_from is not None:
@@ -188,8 +197,9 @@ def build_run(
         saved = load_checkpoint(resumed_from)
         check_config(saved, config, resumed_from)
 
-    seed_everything(config.seed)
+    seed_everything(config.seed)  # the same on every rank: identical initial weights
     data = build_data(config.data, seed=config.seed)
+    check_world(config, world)
     raw_model: nn.Module = build_model(
         config.model,
         vocab_size=data.vocab_size,
@@ -197,11 +207,13 @@ def build_run(
         num_classes=data.num_classes,
         seed=config.seed,
     ).to(device)
-    # the model pipeline: build -> parametrize -> precision -> optimiser -> (state) -> compile
+    # the model pipeline: build -> parametrize -> precision -> parallelize -> optimiser
+    # -> (state) -> compile
     parametrized = parametrize(raw_model, config.parametrization, config.optimizer)
     example = data.val_batches(1)[0][0].to(device)
     per_token = flops_per_token(raw_model, example, config.data.block_size)
     raw_model = precision.prepare(raw_model)
+    model = parallelize(raw_model, config.distributed, world, device, precision.dtype)
     optimizer = build_optimizer(
         raw_model,
         config.optimizer,
@@ -211,17 +223,22 @@ def build_run(
     scheduler = build_scheduler(optimizer, config.schedule, config.steps)
     state = LoopState()
     if saved is not None:
-        raw_model.load_state_dict(saved["model"])
-        if start_from is None:
-            optimizer.load_state_dict(saved["optimizer"])
-            scheduler.load_state_dict(saved["scheduler"])
-        else:
-            _continue_under_config(optimizer, scheduler, saved, resumed_from)
+        assert resumed_from is not None
+        _load_state(
+            raw_model,
+            optimizer,
+            scheduler,
+            saved,
+            resumed_from,
+            start_from is not None,
+            fsdp=model is raw_model and world.distributed,
+        )
         precision.load_state_dict(saved.get("scaler") or {})
         state = LoopState.from_dict(saved["loop"])
         if start_from is not None:
             state.stopped_reason = None  # a new config is a new decision to go on
-    model = torch.compile(raw_model) if config.compile else raw_model
+    if config.compile:
+        model = torch.compile(model)  # type: ignore[assignment]  # a callable module
     peak, peak_source = peak_flops(device, config.diagnostics.peak_flops)
     return Parts(
         config=config,
@@ -230,7 +247,7 @@ def build_run(
         precision=precision,
         data=data,
         raw_model=raw_model,
-        model=model,  # type: ignore[arg-type]  # torch.compile returns a callable module
+        model=model,
         optimizer=optimizer,
         scheduler=scheduler,
         state=state,
@@ -238,10 +255,54 @@ def build_run(
         continues_run=resume,
         saved_rng=None if saved is None else saved["rng"],
         flops_per_token=per_token,
-        peak_flops=peak,
+        peak_flops=peak * world.size,
         peak_flops_source=peak_source,
         tokens_per_step=data.tokens_per_batch * config.grad_accum_steps,
+        world=world,
     )
+
+
+def check_world(config: TrainConfig, world: World) -> None:
+    """What a run needs of the job's processes, checked before anything is written (and by
+    the launcher, before any process starts)."""
+    ranks, batch_size = world.size, config.data.batch_size
+    if batch_size % ranks:
+        raise ConfigError(
+            f"data.batch_size: {batch_size} rows cannot be split evenly over {ranks} "
+            f"processes; use a multiple of {ranks}"
+        )
+    fsdp = world.distributed and config.distributed.strategy == "fsdp"
+    if config.diagnostics.gns and fsdp:
+        raise ConfigError(
+            "diagnostics.gns: not available under distributed.strategy fsdp (its gradients "
+            "are reduce-scattered, never whole on a rank); use ddp, or gradient accumulation "
+            "on one process"
+        )
+    if config.diagnostics.gns and config.grad_accum_steps < 2 and not world.distributed:
+        raise ConfigError(
+            f"diagnostics.gns: true needs two batch sizes, but grad_accum_steps is "
+            f"{config.grad_accum_steps} on one process; set grad_accum_steps >= 2 (each "
+            "micro-batch is the small batch, the step's accumulated gradient the big one), "
+            "or run on several DDP processes (each rank's gradient is the small batch)"
+        )
+    if fsdp and config.optimizer.name in FSDP_REFUSED_OPTIMIZERS:
+        raise ConfigError(
+            f"optimizer.name: {config.optimizer.name!r} cannot run under distributed.strategy "
+            f"fsdp ({FSDP_REFUSED_OPTIMIZERS[config.optimizer.name]}); use ddp, or another "
+            "optimizer"
+        )
+
+
+# optimizers whose update needs a whole matrix (or a second backward) on one rank
+FSDP_REFUSED_OPTIMIZERS = {
+    "muon": "its orthogonalisation needs each whole matrix on one rank",
+    "shampoo": "its preconditioners need each whole matrix on one rank",
+    "soap": "its preconditioners need each whole matrix on one rank",
+    "sophia": "its Hessian estimate needs a second backward through the sharded model",
+    "adafactor": "its factored moments need each whole matrix on one rank",
+    "lars": "its per-layer trust ratio needs each whole parameter's norm on one rank",
+    "lamb": "its per-layer trust ratio needs each whole parameter's norm on one rank",
+}
 
 
 def flops_per_step(config: TrainConfig) -> float:
@@ -271,23 +332,31 @@ def flops_per_step(config: TrainConfig) -> float:
 _FLOPS_PER_BATCH: dict[str, float] = {}
 
 
-def _continue_under_config(
+def _load_state(
+    model: nn.Module,
     optimizer: torch.optim.Optimizer,
     scheduler: torch.optim.lr_scheduler.LRScheduler,
     saved: dict[str, Any],
-    path: Path | None,
+    path: Path,
+    under_new_config: bool,
+    *,
+    fsdp: bool,
 ) -> None:
-    """The checkpoint's optimiser state and schedule position under the hyperparameters the
-    optimiser and scheduler were just built with."""
+    """The checkpoint's weights, optimiser state and schedule position. Under a new config
+    (``start_from``) the optimiser's param-group values and the schedule are the ones just
+    built from the config: only the moments, step counts and the step reached come along."""
     built = [{k: v for k, v in group.items() if k != "params"} for group in optimizer.param_groups]
     base_lrs = list(scheduler.base_lrs)
     try:
-        optimizer.load_state_dict(saved["optimizer"])  # moments, step counts (and old values)
-    except (ValueError, KeyError) as error:
+        load_model_and_optimizer(model, optimizer, saved, path, sharded_params=fsdp)
+    except (ValueError, KeyError, RuntimeError) as error:
         raise ConfigError(
-            f"start_from: checkpoint '{path}' holds optimiser state for other parameter groups "
-            f"({error}); continue it under the same model and optimiser"
+            f"checkpoint '{path}' holds state for another model or optimiser "
+            f"({_first_line(error)}); continue it under the same model and optimiser"
         ) from None
+    if not under_new_config:
+        scheduler.load_state_dict(saved["scheduler"])
+        return
     for group, values in zip(optimizer.param_groups, built, strict=True):
         group.update(values)  # this config's lr, betas, weight decay, ...
     scheduler.load_state_dict({**saved["scheduler"], "base_lrs": base_lrs})  # the step reached
@@ -296,17 +365,32 @@ def _continue_under_config(
     scheduler.step()
 
 
-def _run_dir(config: TrainConfig, out_dir: str | Path | None, resume: bool) -> Path:
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    return text if len(text) <= 160 else text[:157] + "..."
+
+
+def default_run_dir(config: TrainConfig) -> Path:
+    """runs/train/<run name or timestamp>, with -2, -3, ... when taken."""
+    stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    base = DEFAULT_RUNS_DIR / (config.tracking.run_name or stamp)
+    path, n = base, 1
+    while path.exists():
+        n += 1
+        path = base.with_name(f"{base.name}-{n}")
+    return path
+
+
+def _run_dir(config: TrainConfig, out_dir: str | Path | None, resume: bool, world: World) -> Path:
     if out_dir is None:
         if resume:
             raise ConfigError("resume: needs the run's folder (out_dir / --out) to continue")
-        stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
-        base = DEFAULT_RUNS_DIR / (config.tracking.run_name or stamp)
-        path, n = base, 1
-        while path.exists():
-            n += 1
-            path = base.with_name(f"{base.name}-{n}")
-        return path
+        if world.distributed:  # each rank would pick its own folder
+            raise ConfigError(
+                f"--out: needed with {world.size} processes, so that every rank writes to the "
+                "same run folder"
+            )
+        return default_run_dir(config)
     path = Path(out_dir)
     if path.exists() and not path.is_dir():
         raise ConfigError(f"out: '{path}' is a file; expected a folder for the run")
@@ -319,30 +403,39 @@ def save_run(parts: Parts, session_start: float) -> Path:
     s = parts.state
     loop = s.to_dict()
     loop["wall_seconds"] = s.wall_seconds + time.perf_counter() - session_start
-    path = save_checkpoint(
-        parts.out_dir,
-        {
-            "step": s.step,
-            "data_position": {"step": s.step},
-            "model": parts.raw_model.state_dict(),
-            "optimizer": parts.optimizer.state_dict(),
-            "scheduler": parts.scheduler.state_dict(),
-            "scaler": parts.precision.state_dict(),
-            "rng": rng_state(),
-            "loop": loop,
-            "config": parts.config.model_dump(mode="json"),
-            "config_hash": config_hash(parts.config),
-        },
-        keep=parts.config.keep_checkpoints,
-    )
-    if os.environ.get(KILL_AFTER_CHECKPOINT_ENV) == str(s.step):
+    state = {
+        "step": s.step,
+        "data_position": {"step": s.step},
+        "scheduler": parts.scheduler.state_dict(),
+        "scaler": parts.precision.state_dict(),
+        "rng": rng_state(),  # the same on every rank: all draw the same numbers
+        "loop": loop,
+        "config": parts.config.model_dump(mode="json"),
+        "config_hash": config_hash(parts.config),
+    }
+    keep = parts.config.keep_checkpoints
+    if parts.world.distributed:
+        path = save_sharded_checkpoint(
+            parts.out_dir, state, parts.raw_model, parts.optimizer, keep, main=parts.world.main
+        )
+    else:
+        state["model"] = parts.raw_model.state_dict()
+        state["optimizer"] = parts.optimizer.state_dict()
+        path = save_checkpoint(parts.out_dir, state, keep=keep)
+    kill_rank = os.environ.get(KILL_RANK_ENV)
+    if os.environ.get(KILL_AFTER_CHECKPOINT_ENV) == str(s.step) and (
+        kill_rank is None or kill_rank == str(parts.world.rank)
+    ):
         os.kill(os.getpid(), signal.SIGKILL)
     return path
 
 
 def start_run(parts: Parts, parent_run_id: str | None, tags: dict[str, str] | None) -> Tracker:
-    """Create the run folder: config.yaml, run.json, and the tracker (metrics.jsonl)."""
+    """Create the run folder: config.yaml, run.json, and the tracker (metrics.jsonl); on
+    ranks other than 0, nothing (a tracker that logs nothing)."""
     config, run_dir = parts.config, parts.out_dir
+    if not parts.world.main:
+        return NullTracker()
     run_dir.mkdir(parents=True, exist_ok=True)
     write_text_atomic(
         run_dir / "config.yaml", yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)
@@ -375,6 +468,8 @@ def start_run(parts: Parts, parent_run_id: str | None, tags: dict[str, str] | No
 def finish_run(
     parts: Parts, tracker: Tracker, result: RunResult | None, error: BaseException | None
 ) -> None:
+    if not parts.world.main:
+        return
     if result is None:
         status = "interrupted" if isinstance(error, KeyboardInterrupt) else "failed"
         tracker.finish("KILLED" if status == "interrupted" else "FAILED", {"error": repr(error)})

@@ -54,6 +54,7 @@ __all__ = [
     "DEFAULT_TRACKING_URI",
     "METRICS_FILE",
     "TRACKING_FILE",
+    "NullTracker",
     "Tracker",
     "artifact_location",
     "ensure_experiment",
@@ -608,3 +609,23 @@ def save_png(fig: Any, path: Path) -> Path:
             os.unlink(tmp)
         raise
     return path
+
+
+class NullTracker(Tracker):
+    """The tracker of a rank other than 0 in a distributed run: rank 0 writes metrics.jsonl
+    and the MLflow run for all; the others log nothing."""
+
+    def __init__(self) -> None:  # no folder, no file, no MLflow
+        self.run_id = None
+
+    def log_params(self, params: dict[str, object]) -> None:
+        pass
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        pass
+
+    def log_artifact(self, path: Path) -> None:
+        pass
+
+    def finish(self, status: str, summary: dict[str, object]) -> None:
+        pass

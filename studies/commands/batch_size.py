@@ -11,8 +11,9 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from studies.cli import add_set_option, add_study_options, comma_ints, number
+from studies.cli import add_study_options, comma_ints, number
 from studies.commands import output
+from trainer.cli import add_set_option
 
 NAME = "batch-size"
 

@@ -16,8 +16,9 @@ import json
 import sys
 from pathlib import Path
 
-from studies.cli import add_set_option, number
+from studies.cli import number
 from studies.commands import output
+from trainer.cli import add_set_option
 
 EXIT_UNSTABLE = 1
 # small, fast defaults: the check is about width, not about the rest of the model

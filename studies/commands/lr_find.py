@@ -10,8 +10,9 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from studies.cli import add_set_option, number
+from studies.cli import number
 from studies.commands import output
+from trainer.cli import add_set_option
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

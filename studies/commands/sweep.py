@@ -24,8 +24,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from studies.backends import BACKENDS
-from studies.cli import add_set_option
 from studies.commands import output
+from trainer.cli import add_set_option
 
 if TYPE_CHECKING:
     from rich.progress import Progress, TaskID

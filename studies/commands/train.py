@@ -11,7 +11,6 @@ import argparse
 import sys
 from typing import TYPE_CHECKING, Any
 
-from studies.cli import add_set_option
 from studies.commands import output
 
 if TYPE_CHECKING:
@@ -19,49 +18,44 @@ if TYPE_CHECKING:
 
     from trainer.loop import RunResult, StepInfo
 
-EXIT_NONFINITE = 1
-
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("config", metavar="CONFIG.yaml", help="training config (YAML)")
-    add_set_option(
-        parser,
-        "override a field by its dotted path, value in YAML (e.g. optimizer.lr=3e-4 "
-        "model.n_layer=4); repeatable",
-    )
+    from trainer.cli import add_arguments as add_run_arguments
+
+    add_run_arguments(parser)
     parser.add_argument(
-        "--out", metavar="DIR", help="run folder (default runs/train/<run name or timestamp>)"
-    )
-    parser.add_argument(
-        "--resume", action="store_true", help="continue from the newest checkpoint in --out"
-    )
-    parser.add_argument(
-        "--json", action="store_true", help="print the result as JSON, without a progress bar"
+        "--nproc",
+        type=int,
+        default=1,
+        metavar="N",
+        help="processes on this machine (one per GPU; CPU: gloo), started by torchrun's "
+        "elastic agent; distributed.strategy picks DDP or FSDP2. Several machines: run "
+        "`torchrun ... -m trainer CONFIG` on each (README)",
     )
 
 
 def run(args: argparse.Namespace) -> int:
-    from pydantic import ValidationError
-
-    from trainer.config import config_error, load_config
-    from trainer.errors import ConfigError
+    from trainer.cli import EXIT_NONFINITE, load_run_config
+    from trainer.distributed import world_from_env
     from trainer.loop import train
 
-    if args.resume and args.out is None:
-        raise ConfigError("--resume needs --out DIR: the folder of the run to continue")
-    try:
-        config = load_config(args.config, args.overrides)
-    except ValidationError as exc:  # a sub-config validated outside load_config's net
-        raise config_error(exc) from None
-    if args.json:
+    config = load_run_config(args)  # checked once here, before any process starts
+    world = world_from_env()
+    if args.nproc != 1 and not world.distributed:
+        from studies.launch import launch
+
+        return launch(args, config)
+    if args.json or not world.main:  # under torchrun, rank 0 alone prints
         result = train(config, out_dir=args.out, resume=args.resume)
-        output.print_json(result.to_dict())
+        if world.main:
+            output.print_json(result.to_dict())
     else:
         with _ProgressBar(config.steps) as bar:
             result = train(config, [bar.update], out_dir=args.out, resume=args.resume)
         _print_summary(result)
     if result.stopped_reason == "nonfinite":
-        print(f"scaleplan train: {result.stop_message}", file=sys.stderr)
+        if world.main:
+            print(f"scaleplan train: {result.stop_message}", file=sys.stderr)
         return EXIT_NONFINITE
     return 0
 

@@ -111,13 +111,15 @@ def test_gns_in_the_loop_logs_b_simple_in_examples_and_tokens(tmp_path) -> None:
         assert last["gns/b_simple_tokens"] == pytest.approx(16 * last["gns/b_simple"])
 
 
-def test_gns_without_accumulation_says_how_to_enable_it() -> None:
+def test_gns_without_accumulation_says_how_to_enable_it(tmp_path) -> None:
+    config = TrainConfig(diagnostics={"gns": True}, tracking={"enabled": False})
     with pytest.raises(
         ConfigError,
         match=r"^diagnostics.gns: true needs two batch sizes.*"
-        r"grad_accum_steps >= 2",
+        r"grad_accum_steps >= 2.*or run on several DDP processes",
     ):
-        TrainConfig(diagnostics={"gns": True})
+        train(config, out_dir=tmp_path / "run")
+    assert not (tmp_path / "run").exists()  # refused before anything is written
 
 
 @pytest.mark.parametrize(
