@@ -84,6 +84,7 @@ def worker_argv(args: argparse.Namespace, out: Path) -> list[str]:
         argv += ["--set", *args.overrides]
     argv += ["--resume"] if args.resume else []
     argv += ["--json"] if args.json else []
+    argv += ["--profile"] if args.profile else []
     return argv
 
 

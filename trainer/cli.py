@@ -56,6 +56,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--json", action="store_true", help="print the result as JSON, without a progress bar"
     )
+    parser.add_argument(
+        "--profile",
+        action="store_true",
+        help="trace a few steps with torch.profiler (profile.* in the config: after 5 steps, "
+        "2 warm-up, 3 recorded) into <run>/profile/, and print where the step time went",
+    )
 
 
 def load_run_config(args: argparse.Namespace) -> TrainConfig:
@@ -67,8 +73,9 @@ def load_run_config(args: argparse.Namespace) -> TrainConfig:
 
     if args.resume and args.out is None:
         raise ConfigError("--resume needs --out DIR: the folder of the run to continue")
+    overrides = [*args.overrides, *(["profile.enabled=true"] if args.profile else [])]
     try:
-        return load_config(args.config, args.overrides)
+        return load_config(args.config, overrides)
     except ValidationError as exc:  # a sub-config validated outside load_config's net
         raise config_error(exc) from None
 

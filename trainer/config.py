@@ -33,6 +33,7 @@ from trainer.errors import ConfigError
 from trainer.models import CNNConfig, GPTConfig, MLPConfig, ModelConfig
 from trainer.optim import OptimizerConfig
 from trainer.parametrization import ParametrizationConfig, check_parametrization
+from trainer.profiling import ProfileConfig
 from trainer.schedules import ScheduleConfig
 
 __all__ = [
@@ -64,6 +65,7 @@ OPERATIONAL_FIELDS = (
     "tracking",
     "data.cache_dir",
     "distributed",  # N ranks compute the single-process trajectory (same global batch)
+    "profile",
 )
 
 
@@ -240,6 +242,11 @@ class TrainConfig(BaseModel):
     distributed: DistributedConfig = Field(
         default_factory=DistributedConfig,
         description="DDP or FSDP2 over the processes torchrun starts (trainer.distributed).",
+    )
+    profile: ProfileConfig = Field(
+        default_factory=ProfileConfig,
+        description="A torch.profiler trace of a few steps and their time split "
+        "(trainer.profiling).",
     )
 
     def __init__(self, **data: Any) -> None:

@@ -42,7 +42,7 @@ import contextlib
 import functools
 import math
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -64,6 +64,7 @@ from trainer.distributed import (
 from trainer.noise_scale import GradientNoiseScale
 from trainer.optim import needs_create_graph
 from trainer.precision import Precision
+from trainer.profiling import StepProfiler, phase
 from trainer.reproducibility import deterministic_algorithms, set_rng_state
 from trainer.rundir import (
     KILL_AFTER_CHECKPOINT_ENV,
@@ -171,6 +172,11 @@ def _loop(
     if parts.saved_rng is not None:
         set_rng_state(parts.saved_rng)  # last, so nothing above draws from the restored streams
     clip_options = config.clip.model_dump(exclude={"mode"})
+    profiler = (
+        StepProfiler(config.profile, parts.out_dir, world.rank, parts.device.type == "cuda")
+        if config.profile.enabled
+        else None
+    )
     stopped_reason, stop_message = s.stopped_reason, None
 
     if s.step == 0 and config.eval_every > 0:  # the untrained model's loss anchors the curve
@@ -190,20 +196,19 @@ def _loop(
         # 1. sample, forward, loss, backward: grad_accum_steps micro-batches, each loss / k
         if noise_scale is not None:
             noise_scale.start(precision.loss_scale())
-        micro_batches = (  # every rank its rows of the single-process stream's batch
-            _to(shard_rows(data.get_batch("train", step, micro=m), world), parts.device)
-            for m in range(config.grad_accum_steps)
-        )
-        loss = forward_backward(
-            model,
-            micro_batches,
-            config.grad_accum_steps,
-            precision,
-            label_smoothing=config.label_smoothing,
-            create_graph=create_graph,
-            probe=probe if diagnosing else None,
-            after_micro_batch=noise_scale.after_micro_batch if noise_scale is not None else None,
-        )
+        with phase("forward_backward"):
+            loss = forward_backward(
+                model,
+                _micro_batches(parts, step),
+                config.grad_accum_steps,
+                precision,
+                label_smoothing=config.label_smoothing,
+                create_graph=create_graph,
+                probe=probe if diagnosing else None,
+                after_micro_batch=(
+                    noise_scale.after_micro_batch if noise_scale is not None else None
+                ),
+            )
 
         # 2. true-size gradients, measured before clipping; stop or skip on NaN / inf
         precision.unscale_(optimizer)
@@ -222,7 +227,8 @@ def _loop(
                 clipped = clip_gradients(params, config.clip.mode, grad_norm, **clip_options)
             if diagnosing and config.diagnostics.per_layer:
                 snapshot = WeightSnapshot(named)
-            stepped = precision.step(optimizer)
+            with phase("optimizer"):
+                stepped = precision.step(optimizer)
             s.clipped_steps += int(clipped)
             s.skipped_steps += int(not stepped)
             s.interval_loss_sum += loss_value
@@ -246,6 +252,8 @@ def _loop(
         optimizer.zero_grad(set_to_none=True)
         scheduler.step()
         s.step, s.tokens = done, s.tokens + parts.tokens_per_step
+        if profiler is not None:
+            profiler.step()
 
         # 4. record, evaluate, call back, checkpoint
         if logging or evaluating:
@@ -277,7 +285,20 @@ def _loop(
             save_run(parts, session_start)
             interval = _Interval(s.step, s.tokens, time.perf_counter())
 
-    return run_result(parts, session_start, stopped_reason, stop_message)
+    if profiler is not None:
+        profiler.close()
+    result = run_result(parts, session_start, stopped_reason, stop_message)
+    result.profile = None if profiler is None else profiler.summary
+    return result
+
+
+def _micro_batches(parts: Parts, step: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Update `step`'s micro-batches: every rank its rows of the single-process stream's."""
+    for m in range(parts.config.grad_accum_steps):
+        with phase("data"):
+            batch = shard_rows(parts.data.get_batch("train", step, micro=m), parts.world)
+            batch = _to(batch, parts.device)
+        yield batch
 
 
 def forward_backward(

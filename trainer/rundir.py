@@ -102,6 +102,7 @@ class RunResult:
     stop_message: str | None
     skipped_steps: int
     clip_rate: float
+    profile: dict[str, float] | None = None  # the step-time split, with profile.enabled
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

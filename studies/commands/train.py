@@ -118,5 +118,20 @@ def _print_summary(result: RunResult) -> None:
     ]
     if result.stopped_reason not in (None, "nonfinite"):
         lines.append(f"stopped: {result.stopped_reason}")
+    if result.profile is not None:
+        lines.append(_profile_line(result.profile, result.out_dir))
     lines.append(f"run folder: {result.out_dir}")
     print("\n".join(lines))
+
+
+def _profile_line(split: dict[str, float], out_dir: str) -> str:
+    """``step 41.2 ms: compute 62%, communication 9%, ...`` and where the trace is."""
+    from trainer.profiling import PHASES
+
+    step = split["step_s"]
+    parts = [f"{name.replace('_', ' ')} {split[name] / step:.0%}" for name in PHASES if step > 0]
+    busy = f", GPU busy {split['gpu_busy']:.0%}" if "gpu_busy" in split else ""
+    return (
+        f"profile: step {step * 1e3:.1f} ms over {split['steps']:.0f} steps: "
+        f"{', '.join(parts)}{busy}; trace in {out_dir}/profile/"
+    )

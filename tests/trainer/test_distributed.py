@@ -221,3 +221,25 @@ def test_a_user_mistake_inside_the_ranks_is_one_line_from_rank_zero(
     assert lines == [
         f"python -m trainer: error: resume: no checkpoint in '{folder}'; start without resume"
     ]
+
+
+def test_mup_and_activation_checkpointing_compose_with_fsdp(config: Path, tmp_path: Path) -> None:
+    # sharding comes after parametrization in the model pipeline: muP's init, multipliers and
+    # per-group learning rates are set on the whole model, then FSDP2 shards it
+    mup = [
+        "parametrization.name=mup", "parametrization.base_width=16", "model.d_model=64",
+        "model.n_head=4", "model.tie_embeddings=false", "model.output_multiplier=8.0",
+        "model.activation_checkpointing=true", "steps=50", "checkpoint_every=0",
+    ]  # fmt: skip
+    one = scaleplan("train", config, "--out", tmp_path / "one", "--json", "--set", *mup)
+    assert one.returncode == 0, one.stderr
+    two = scaleplan(
+        "train", config, "--out", tmp_path / "two", "--nproc", "2", "--json",
+        "--set", *mup, "distributed.strategy=fsdp",
+    )  # fmt: skip
+    assert two.returncode == 0, two.stderr
+    expected, got = result(tmp_path / "one"), result(tmp_path / "two")
+    assert got["steps"] == 50 and got["final_val_loss"] < got["val_curve"][0][1] - 1.0
+    assert got["final_val_loss"] == pytest.approx(expected["final_val_loss"], rel=1e-3)
+    lrs = {k: v for k, v in first_record(tmp_path / "two").items() if k.startswith("lr/")}
+    assert len(set(lrs.values())) > 1  # muP's per-group learning rates survived sharding
