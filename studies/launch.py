@@ -69,6 +69,9 @@ def launch(args: argparse.Namespace, config: TrainConfig) -> int:
         monitor_interval=0.2,
     )
     logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)  # we report
+    # each rank its share of the cores (torchrun sets 1); oversubscribed threads crawl
+    threads = max(1, (os.cpu_count() or 1) // nproc)
+    os.environ.setdefault("OMP_NUM_THREADS", str(threads))
     try:
         elastic_launch(launch_config, sys.executable)(*worker_argv(args, out))
     except ChildFailedError as failed:
