@@ -520,6 +520,24 @@ class RayOptions(BaseModel):
         description="GPUs each trial reserves; a fraction shares one GPU (0.5: two trials per "
         "GPU); above 1, a whole number.",
     )
+    workers_per_trial: int = Field(
+        default=1,
+        ge=1,
+        description="Training processes per trial: above 1, each trial is a Ray Train "
+        "TorchTrainer of that many workers (DDP or FSDP2 by the trainer's distributed.strategy) "
+        "inside the Tune experiment; cpus_per_trial and gpus_per_trial are then unused.",
+    )
+    cpus_per_worker: float = Field(
+        default=1.0,
+        gt=0,
+        description="CPUs each Ray Train worker reserves (workers_per_trial > 1).",
+    )
+    gpus_per_worker: float = Field(
+        default=0.0,
+        ge=0,
+        description="GPUs each Ray Train worker reserves (workers_per_trial > 1); above 0, the "
+        "workers use NCCL, else gloo.",
+    )
     num_cpus: int | None = Field(
         default=None,
         ge=1,

@@ -102,11 +102,14 @@ def run_trial(
     intermediate: list[tuple[int, float]] = []
     try:
         from studies.trainer_config import trial_config
+        from trainer.distributed import barrier, world_from_env
         from trainer.loop import train
 
         config = _with_study_tracking(study, trial_config(study, params, stage))
-        if out_dir.exists() and not resume:  # an earlier attempt's: the id is this trial's now
-            shutil.rmtree(out_dir)
+        world = world_from_env()  # several under Ray Train: rank 0 owns the folder
+        if out_dir.exists() and not resume and world.main:
+            shutil.rmtree(out_dir)  # an earlier attempt's: the id is this trial's now
+        barrier(world)
         callback = _Reporter(metric, report, intermediate, config.steps)
         result = train(
             config,

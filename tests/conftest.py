@@ -45,7 +45,12 @@ def one_thread(request: pytest.FixtureRequest) -> Iterator[None]:
 
 # Modules that start a local Ray cluster: one process runs them all, one after another (two
 # clusters started side by side on one machine would compete for its cores and ports).
-RAY_MODULES = {"test_backend_contract.py", "test_ray_backend.py", "test_ray_pbt.py"}
+RAY_MODULES = {
+    "test_backend_contract.py",
+    "test_ray_backend.py",
+    "test_ray_pbt.py",
+    "test_ray_train.py",
+}
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

@@ -46,6 +46,7 @@ __all__ = [
     "World",
     "all_mean",
     "all_sum",
+    "barrier",
     "gradient_sync",
     "init_world",
     "parallelize",
@@ -219,6 +220,12 @@ def all_sum(values: torch.Tensor, world: World) -> torch.Tensor:
 def all_mean(values: torch.Tensor, world: World) -> torch.Tensor:
     """The mean of `values` over ranks."""
     return all_sum(values, world) / world.size if world.distributed else values
+
+
+def barrier(world: World) -> None:
+    """Wait for every rank (nothing with one process)."""
+    if world.distributed and dist.is_initialized():
+        dist.barrier()
 
 
 def first_reason(reason: str | None, world: World) -> str | None:

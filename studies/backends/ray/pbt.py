@@ -90,6 +90,12 @@ def check_pbt(study: StudyConfig, index: int, trial_fn: TrialFn | None) -> None:
         return
     field = f"stages.{stage.name}.pruner"
     steps, first_eval = stage_steps(study, stage)
+    if study.ray is not None and study.ray.workers_per_trial > 1:
+        raise StudyError(
+            f"{field}.name: pbt with ray.workers_per_trial {study.ray.workers_per_trial} is not "
+            "supported yet (its trials hand checkpoints over inside one process); use asha, "
+            "median or none, or one worker per trial"
+        )
     if trial_fn is not None:
         raise StudyError(
             f"{field}.name: pbt continues trials from the trainer's checkpoints; it cannot "

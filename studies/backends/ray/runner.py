@@ -75,6 +75,7 @@ from studies.backends.ray.records import (
     tune_trials,
     write_meta,
 )
+from studies.backends.ray.train import run_train_trial
 from studies.backends.ray.trial import TrialContext, TrialFn, end_interrupted_run
 from studies.config import RayOptions, StageSpec, StudyConfig
 from studies.errors import StudyError
@@ -111,12 +112,28 @@ def experiment_name(study: StudyConfig, stage: StageSpec) -> str:
 
 
 def trial_resources(study: StudyConfig) -> dict[str, float]:
-    """What each trial reserves: ``{"cpu": c, "gpu": g}`` (gpu left out when 0)."""
+    """What each trial reserves: ``{"cpu": c, "gpu": g}`` (gpu left out when 0). A trial of
+    several Ray Train workers reserves nothing itself (its function only drives the
+    TorchTrainer); its workers reserve theirs (`worker_resources`)."""
     options = study.ray or RayOptions()
+    if options.workers_per_trial > 1:
+        return {"cpu": DRIVER_CPU}
     resources = {"cpu": float(options.cpus_per_trial)}
     if options.gpus_per_trial > 0:
         resources["gpu"] = float(options.gpus_per_trial)
     return resources
+
+
+# what the Tune function of a Ray Train trial reserves (Ray refuses nothing): it only waits for
+# its workers. A local Ray gets one logical CPU more for these.
+DRIVER_CPU = 0.01
+
+
+def worker_resources(study: StudyConfig) -> dict[str, float]:
+    """What all of one trial's Ray Train workers reserve together (``{"cpu", "gpu"}``)."""
+    options = study.ray or RayOptions()
+    workers = options.workers_per_trial
+    return {"cpu": workers * options.cpus_per_worker, "gpu": workers * options.gpus_per_worker}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -226,7 +243,10 @@ def _start_ray(study: StudyConfig, ray_address: str | None) -> bool:
     if address:
         kwargs["address"] = address
     else:
-        kwargs.update(num_cpus=options.num_cpus, num_gpus=options.num_gpus)
+        num_cpus = options.num_cpus
+        if options.workers_per_trial > 1:  # one logical CPU more, for the trial drivers
+            num_cpus = (num_cpus or os.cpu_count() or 1) + 1
+        kwargs.update(num_cpus=num_cpus, num_gpus=options.num_gpus)
     try:
         ray.init(**kwargs)
     except Exception as error:
@@ -243,6 +263,17 @@ def _start_ray(study: StudyConfig, ray_address: str | None) -> bool:
 def _check_resources(study: StudyConfig, available: Mapping[str, float], local: bool) -> None:
     """A trial that asks for more than the whole (local) Ray has would wait forever."""
     if not local:  # a cluster may add nodes on demand
+        return
+    options = study.ray or RayOptions()
+    if options.workers_per_trial > 1:
+        for key, wanted in worker_resources(study).items():
+            have = float(available.get(key.upper(), 0.0)) - (key == "cpu")  # the drivers' CPU
+            if wanted > have:
+                raise StudyError(
+                    f"ray.workers_per_trial: {options.workers_per_trial} workers x "
+                    f"{wanted / options.workers_per_trial:g} {key.upper()}s = {wanted:g} per "
+                    f"trial, but the local Ray has {have:g}; lower it or raise ray.num_{key}s"
+                )
         return
     for key, field in (("cpu", "cpus_per_trial"), ("gpu", "gpus_per_trial")):
         wanted = trial_resources(study).get(key, 0.0)
@@ -424,6 +455,8 @@ def _new_tuner(
             metric="objective",
             mode=mode,
             num_samples=stage.trials,
+            # a reused actor gives a stopped trial REUSE_WAIT_S to end (a Ray Train trial's
+            # workers to prune it); a new one would kill it at once
             reuse_actors=True,
             trial_dirname_creator=_trial_dirname,
         ),
@@ -498,6 +531,13 @@ def _trial_main(config: dict[str, Any], ctx: TrialContext) -> None:
             "backend": "ray",
         }
         outcome, stopped, continued_from = run_pbt_trial(ctx, number, params, trial_id, tags)
+    elif ctx.study.ray is not None and ctx.study.ray.workers_per_trial > 1:
+        end_interrupted_run(ctx, trial_id, number)
+        final, stopped = run_train_trial(ctx, params, number)
+        if stopped:
+            raise SystemExit(0)  # as below
+        tune.report(final or {})
+        return
     else:
         end_interrupted_run(ctx, trial_id, number)
         outcome, stopped = _run_stoppable_trial(ctx, params, number)
@@ -505,7 +545,7 @@ def _trial_main(config: dict[str, Any], ctx: TrialContext) -> None:
         # end the thread as Tune expects of a stopped trial; returning would make Tune's
         # wrapper wait for a reply that never comes, and a reused actor would not be freed
         raise SystemExit(0)
-    tune.report(_final_metrics(outcome, continued_from))
+    tune.report(final_metrics(outcome, continued_from))
 
 
 def _run_stoppable_trial(
@@ -541,7 +581,7 @@ def _run_stoppable_trial(
     return outcome, stopped
 
 
-def _final_metrics(
+def final_metrics(
     outcome: TrialOutcome, continued_from: Mapping[str, int] | None = None
 ) -> dict[str, Any]:
     """The last report of a trial that ran to its end: its outcome. The objective is NaN
