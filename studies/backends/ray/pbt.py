@@ -45,9 +45,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from studies.backends.ray.records import (
-    one_line,
-)
+from studies.backends.ray.records import continued_text, one_line
 from studies.backends.ray.trial import EXPLOITED, TrialContext, TrialFn, end_interrupted_run
 from studies.config import ParamSpec, StudyConfig
 from studies.errors import StudyError
@@ -274,10 +272,3 @@ class _TuneCheckpoints:
         """The Tune checkpoint folder written for `step`, if one was due."""
         pending, self.pending = self.pending, None
         return pending[1] if pending is not None and pending[0] == step else None
-
-
-def continued_text(continued_from: Mapping[str, int] | None) -> str:
-    """``trial 3 at step 40``: whose weights a PBT trial took over, and when ("" if none)."""
-    if not continued_from:
-        return ""
-    return f"trial {continued_from['number']} at step {continued_from['step']}"

@@ -338,3 +338,32 @@ def one_line(error: BaseException, limit: int = 300) -> str:
     first = text.splitlines()[0].strip() if text else ""
     line = f"{type(error).__name__}: {first}" if first else type(error).__name__
     return line if len(line) <= limit else line[: limit - 3] + "..."
+
+
+def continued_text(continued_from: Mapping[str, int] | None) -> str:
+    """``trial 3 at step 40``: whose weights a PBT trial took over, and when ("" if none)."""
+    if not continued_from:
+        return ""
+    return f"trial {continued_from['number']} at step {continued_from['step']}"
+
+
+def final_metrics(
+    outcome: TrialOutcome, continued_from: Mapping[str, int] | None = None
+) -> dict[str, Any]:
+    """The last report of a trial that ran to its end: its outcome. The objective is NaN
+    unless complete (OptunaSearch then records the trial as failed); no ``step``."""
+    value = outcome.value if outcome.state == "complete" else None
+    return {
+        "objective": float(value) if value is not None else math.nan,
+        "state": outcome.state,
+        "value": value,
+        "reason": outcome.reason or "",
+        "steps": int(outcome.steps),
+        "tokens": outcome.tokens,
+        "flops": outcome.flops,
+        "seconds": outcome.seconds,
+        "params_count": outcome.params_count,
+        "out_dir": outcome.out_dir,
+        "run_id": outcome.run_id or "",
+        "continued_from": continued_text(continued_from),
+    }

@@ -49,7 +49,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import math
 import os
 import socket
 import warnings
@@ -61,12 +60,12 @@ from studies.backends.ray.adapters import LIVE, make_scheduler, storage_filesyst
 from studies.backends.ray.pbt import (
     KEEP_PBT_CHECKPOINTS,
     check_pbt,
-    continued_text,
     run_pbt_trial,
 )
 from studies.backends.ray.records import (
     NUMBER_KEY,
     check_saved_state,
+    final_metrics,
     normal_storage,
     one_line,
     read_meta,
@@ -579,25 +578,3 @@ def _run_stoppable_trial(
         tags={"backend": "ray"},
     )
     return outcome, stopped
-
-
-def final_metrics(
-    outcome: TrialOutcome, continued_from: Mapping[str, int] | None = None
-) -> dict[str, Any]:
-    """The last report of a trial that ran to its end: its outcome. The objective is NaN
-    unless complete (OptunaSearch then records the trial as failed); no ``step``."""
-    value = outcome.value if outcome.state == "complete" else None
-    return {
-        "objective": float(value) if value is not None else math.nan,
-        "state": outcome.state,
-        "value": value,
-        "reason": outcome.reason or "",
-        "steps": int(outcome.steps),
-        "tokens": outcome.tokens,
-        "flops": outcome.flops,
-        "seconds": outcome.seconds,
-        "params_count": outcome.params_count,
-        "out_dir": outcome.out_dir,
-        "run_id": outcome.run_id or "",
-        "continued_from": continued_text(continued_from),
-    }

@@ -139,7 +139,7 @@ def _worker(config: dict[str, Any]) -> None:
     import ray
     import ray.train
 
-    from studies.backends.ray.runner import final_metrics
+    from studies.backends.ray.records import final_metrics
     from studies.objectives import call_trial
 
     ctx: TrialContext = config["ctx"]
