@@ -10,16 +10,9 @@ import importlib
 import os
 import sys
 from collections.abc import Callable, Sequence
-from typing import NoReturn
 
-EXIT_USAGE = 2
-
-
-class _Parser(argparse.ArgumentParser):
-    """argparse, but a usage mistake is one line naming the option, then exit status 2."""
-
-    def error(self, message: str) -> NoReturn:
-        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see --help)\n")
+from trainer.cli import EXIT_USAGE
+from trainer.cli import UsageParser as _Parser  # one line, exit status 2, for every command
 
 
 def number(text: str) -> float:

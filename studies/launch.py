@@ -19,6 +19,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from trainer.cli import EXIT_USAGE
 from trainer.config import TrainConfig
 from trainer.errors import ConfigError
 
@@ -26,8 +27,6 @@ if TYPE_CHECKING:
     from torch.distributed.elastic.multiprocessing.errors import ProcessFailure
 
 __all__ = ["launch", "worker_argv"]
-
-EXIT_USAGE = 2
 
 
 def launch(args: argparse.Namespace, config: TrainConfig) -> int:

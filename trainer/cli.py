@@ -19,7 +19,14 @@ from typing import TYPE_CHECKING, NoReturn
 if TYPE_CHECKING:
     from trainer.config import TrainConfig
 
-__all__ = ["EXIT_NONFINITE", "EXIT_USAGE", "add_arguments", "add_set_option", "load_run_config"]
+__all__ = [
+    "EXIT_NONFINITE",
+    "EXIT_USAGE",
+    "UsageParser",
+    "add_arguments",
+    "add_set_option",
+    "load_run_config",
+]
 
 EXIT_NONFINITE = 1
 EXIT_USAGE = 2
@@ -80,7 +87,9 @@ def load_run_config(args: argparse.Namespace) -> TrainConfig:
         raise config_error(exc) from None
 
 
-class _Parser(argparse.ArgumentParser):
+class UsageParser(argparse.ArgumentParser):
+    """argparse, but a usage mistake is one line naming the option, then exit status 2."""
+
     def error(self, message: str) -> NoReturn:
         self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see --help)\n")
 
@@ -89,7 +98,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from trainer.distributed import world_from_env
     from trainer.errors import ConfigError
 
-    parser = _Parser(prog=PROG, description="Train one model from a YAML config.")
+    parser = UsageParser(prog=PROG, description="Train one model from a YAML config.")
     add_arguments(parser)
     args = parser.parse_args(argv)
     world = world_from_env()

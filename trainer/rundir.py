@@ -232,7 +232,7 @@ def build_run(
             saved,
             resumed_from,
             start_from is not None,
-            fsdp=model is raw_model and world.distributed,
+            fsdp=world.distributed and config.distributed.strategy == "fsdp",
         )
         precision.load_state_dict(saved.get("scaler") or {})
         state = LoopState.from_dict(saved["loop"])
