@@ -66,6 +66,7 @@ OPERATIONAL_FIELDS = (
     "data.cache_dir",
     "distributed",  # N ranks compute the single-process trajectory (same global batch)
     "profile",
+    "nonfinite_check",  # when the host reads loss and gradient norm, not what they are
 )
 
 
@@ -217,6 +218,13 @@ class TrainConfig(BaseModel):
         default="stop",
         description="On a NaN/inf loss or gradient: stop the run, or skip that update and go on.",
     )
+    nonfinite_check: Literal["auto", "step", "log"] = Field(
+        default="auto",
+        description="step: read the loss and gradient norm on the host every step and act "
+        "before the update; log: keep them on the device and read them on logging steps only "
+        "(no per-step host sync: a non-finite update is found at the next record, and the run "
+        "stops there); auto: log on CUDA unless nonfinite is skip, else step.",
+    )
     label_smoothing: float = Field(
         default=0.0, ge=0, lt=1, description="Cross-entropy label smoothing."
     )
@@ -283,9 +291,24 @@ class TrainConfig(BaseModel):
         return self
 
     @model_validator(mode="after")
+    def _skip_needs_host_check(self) -> TrainConfig:
+        if self.nonfinite == "skip" and self.nonfinite_check == "log":
+            raise ValueError(
+                "nonfinite_check: 'log' finds a non-finite update only at the next record, "
+                "so it cannot skip it; with nonfinite: skip use nonfinite_check: step or auto"
+            )
+        return self
+
+    @model_validator(mode="after")
     def _parametrization_fits(self) -> TrainConfig:
         check_parametrization(self.parametrization, self.model, self.optimizer)
         return self
+
+    def host_checks(self, device_type: str) -> bool:
+        """Whether the loop reads loss and gradient norm on the host every step."""
+        if self.nonfinite_check == "auto":
+            return device_type != "cuda" or self.nonfinite == "skip"
+        return self.nonfinite_check == "step"
 
     @property
     def diagnostics_every(self) -> int:

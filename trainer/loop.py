@@ -29,6 +29,15 @@ Non-finite loss or gradient norm: ``nonfinite: stop`` (default) ends the run bef
 update (the schedule still advances) and counts it in ``skipped_steps``. Under fp16 an
 overflowing gradient is the loss scaler's business: it skips the update and lowers the scale.
 
+Host syncs: a step's loss, gradient norm and clipping flag stay on the device and are summed
+there (`_DeviceTally`); the host reads them on logging, evaluation and checkpoint steps only,
+so a GPU never waits on a plain step. Acting on a non-finite value *before* its update needs
+the host to look every step: ``nonfinite_check: step`` (auto on CPU, where reading is free,
+and with ``nonfinite: skip``). With ``log`` (auto on CUDA) a non-finite update goes through and
+the run stops at the next read, naming the first bad step; it writes no checkpoint then, so
+the last one holds finite weights. fp16's loss scaler reads its overflow flag on the host each
+step itself (GradScaler's design), as does the gradient noise scale when it is on.
+
 Run folder (see trainer.rundir): ``config.yaml`` (resolved), ``run.json`` (provenance, device,
 sizes, status), ``metrics.jsonl`` (via trainer.tracking.Tracker),
 ``checkpoints/step_XXXXXXX.pt``, and ``result.json`` at the end (atomically). Nothing is
@@ -178,6 +187,8 @@ def _loop(
         else None
     )
     stopped_reason, stop_message = s.stopped_reason, None
+    host_checks = config.host_checks(parts.device.type)
+    tally = _DeviceTally(parts.device)
 
     if s.step == 0 and config.eval_every > 0:  # the untrained model's loss anchors the curve
         tracker.log_metrics({"tokens": 0.0, **_evaluate(parts, val_batches)}, step=0)
@@ -214,36 +225,28 @@ def _loop(
         precision.unscale_(optimizer)
         loss = all_mean(loss, world)  # each rank's loss is the mean over its equal share
         grad_norm, per_param = grad_norms(params)
-        loss_value, grad_norm_value = loss.item(), grad_norm.item()
-        if noise_scale is not None:
-            noise_scale.update(grad_norm_value)
+        if noise_scale is not None:  # an opt-in diagnostic: it reads the norm every step
+            noise_scale.update(grad_norm.item())
         lrs = [group["lr"] for group in optimizer.param_groups]  # the lr of this update
-        clipped, snapshot = False, None
+        clipped, snapshot = tally.no, None
         # under fp16 an overflowing gradient is routine: the scaler skips that step itself
-        finite_grads = math.isfinite(grad_norm_value)
-        if math.isfinite(loss_value) and (finite_grads or precision.scales_loss):
+        bad = _nonfinite(loss, grad_norm, precision) if host_checks else None
+        if bad is None:
             # 3. clip, optimiser step, schedule
-            if finite_grads:
+            if not host_checks or torch.isfinite(grad_norm):
                 clipped = clip_gradients(params, config.clip.mode, grad_norm, **clip_options)
             if diagnosing and config.diagnostics.per_layer:
                 snapshot = WeightSnapshot(named)
             with phase("optimizer"):
                 stepped = precision.step(optimizer)
-            s.clipped_steps += int(clipped)
             s.skipped_steps += int(not stepped)
-            s.interval_loss_sum += loss_value
-            s.interval_steps += 1
+            tally.add(step, loss, grad_norm, clipped, checked=host_checks, precision=precision)
         else:
             precision.skip()
-            bad, what = (
-                (loss_value, "loss")
-                if not math.isfinite(loss_value)
-                else (grad_norm_value, "gradient norm")
-            )
             if config.nonfinite == "stop":
                 stopped_reason = "nonfinite"
                 stop_message = (
-                    f"step {step}: {what} is {bad} (non-finite); stopped before the update. "
+                    f"step {step}: {bad[0]} is {bad[1]} (non-finite); stopped before the update. "
                     "Lower optimizer.lr, set clip.mode, or set nonfinite: skip"
                 )
                 break
@@ -255,9 +258,29 @@ def _loop(
         if profiler is not None:
             profiler.step()
 
-        # 4. record, evaluate, call back, checkpoint
+        # 4. read the device's tallies (the one host sync), record, evaluate, call back,
+        # checkpoint
+        checkpointing = done == config.steps or (
+            config.checkpoint_every > 0 and done % config.checkpoint_every == 0
+        )
+        if not (logging or evaluating or checkpointing):
+            continue
+        loss_value, grad_norm_value, clipped_value, first_bad = tally.read(
+            s, loss, grad_norm, clipped
+        )
+        if first_bad is not None:  # only without host checks: the update was applied
+            stopped_reason = "nonfinite"
+            stop_message = (
+                f"step {first_bad[0]}: {first_bad[1]} is non-finite (found when step {done} "
+                "was recorded; nonfinite_check reads on logging steps); stopped. Lower "
+                "optimizer.lr, set clip.mode, or set nonfinite_check: step to stop before the "
+                "update"
+            )
+            break
         if logging or evaluating:
-            metrics = _step_metrics(parts, interval, loss_value, grad_norm_value, clipped, lrs)
+            metrics = _step_metrics(
+                parts, interval, loss_value, grad_norm_value, clipped_value, lrs
+            )
             metrics.update(memory)
             if diagnosing and config.diagnostics.per_layer:
                 metrics.update(per_layer_grad_norms(named, per_param))
@@ -276,20 +299,103 @@ def _loop(
             info = StepInfo(done, s.tokens, loss_value, metrics.get("val_loss"), metrics, save_now)
             stopped_reason = first_reason(_call_back(callbacks, info), world) or stopped_reason
             interval = _Interval(s.step, s.tokens, time.perf_counter())
-        if (
-            done == config.steps
-            or stopped_reason is not None
-            or (config.checkpoint_every > 0 and done % config.checkpoint_every == 0)
-        ):
+        if checkpointing or stopped_reason is not None:
             s.stopped_reason = stopped_reason
             save_run(parts, session_start)
             interval = _Interval(s.step, s.tokens, time.perf_counter())
 
+    tally.read(s, None, None, None)  # a stop before the update leaves the last steps unread
     if profiler is not None:
         profiler.close()
     result = run_result(parts, session_start, stopped_reason, stop_message)
     result.profile = None if profiler is None else profiler.summary
     return result
+
+
+def _nonfinite(
+    loss: torch.Tensor, grad_norm: torch.Tensor, precision: Precision
+) -> tuple[str, float] | None:
+    """What is non-finite this step, read on the host (nonfinite_check: step); None if
+    nothing is, or only the gradient under fp16 (the scaler skips that update itself)."""
+    loss_value, grad_norm_value = loss.item(), grad_norm.item()
+    if not math.isfinite(loss_value):
+        return "loss", loss_value
+    if not math.isfinite(grad_norm_value) and not precision.scales_loss:
+        return "gradient norm", grad_norm_value
+    return None
+
+
+class _DeviceTally:
+    """What the updates since the last read add up to, kept on the device, so a step reads
+    nothing on the host (a GPU never waits for it); `read` is the one sync, on logging,
+    evaluation and checkpoint steps.
+
+    Without host checks a non-finite update is applied (nothing on the host knows of it yet):
+    the tally keeps the first such step and what was non-finite, and `read` reports it.
+    """
+
+    def __init__(self, device: torch.device) -> None:
+        dtype = torch.float32 if device.type == "mps" else torch.float64
+        self._zero = torch.zeros((), dtype=dtype, device=device)
+        self.no = torch.zeros((), dtype=torch.bool, device=device)  # "not clipped"
+        self._reset()
+
+    def _reset(self) -> None:
+        zero = self._zero
+        self.loss_sum, self.updates, self.clipped = zero.clone(), zero.clone(), zero.clone()
+        self.first_bad, self.bad_kind = zero - 1, zero.clone()  # kind 1: loss, 2: gradient
+
+    def add(
+        self,
+        step: int,
+        loss: torch.Tensor,
+        grad_norm: torch.Tensor,
+        clipped: torch.Tensor,
+        *,
+        checked: bool,
+        precision: Precision,
+    ) -> None:
+        """One applied update; `checked`: its loss was found finite on the host already."""
+        self.clipped += clipped
+        if checked:
+            self.loss_sum += loss
+            self.updates += 1
+            return
+        finite_loss = torch.isfinite(loss)
+        ok = finite_loss & (torch.isfinite(grad_norm) | precision.scales_loss)
+        self.loss_sum += torch.where(ok, loss, 0.0)
+        self.updates += ok
+        new = ~ok & (self.first_bad < 0)
+        self.bad_kind = torch.where(new, torch.where(finite_loss, 2.0, 1.0), self.bad_kind)
+        self.first_bad = torch.where(new, float(step), self.first_bad)
+
+    def read(
+        self,
+        s: LoopState,
+        loss: torch.Tensor | None,
+        grad_norm: torch.Tensor | None,
+        clipped: torch.Tensor | None,
+    ) -> tuple[float, float, bool, tuple[int, str] | None]:
+        """Fold the tally into `s` and start a new one; this step's loss, gradient norm and
+        clipped flag, and (step, what) of the first non-finite update since the last read."""
+        this_step = [t for t in (loss, grad_norm, clipped) if t is not None]
+        values = torch.stack(
+            [t.to(self._zero.dtype) for t in this_step]
+            + [self.loss_sum, self.updates, self.clipped, self.first_bad, self.bad_kind]
+        ).tolist()
+        loss_sum, updates, clipped_steps, first_bad, bad_kind = values[-5:]
+        s.interval_loss_sum += loss_sum
+        s.interval_steps += int(updates)
+        s.clipped_steps += int(clipped_steps)
+        self._reset()
+        bad = (
+            None
+            if first_bad < 0
+            else (int(first_bad), "loss" if bad_kind == 1 else "gradient norm")
+        )
+        if len(this_step) < 3:
+            return math.nan, math.nan, False, bad
+        return values[0], values[1], bool(values[2]), bad
 
 
 def _micro_batches(parts: Parts, step: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:

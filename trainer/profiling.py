@@ -17,7 +17,10 @@ steps' wall time into:
 - host overhead: the rest of the step (gradient norms, clipping, metrics, logging).
 
 On CUDA it adds ``gpu_busy``: the fraction of the steps' wall time in which some kernel ran
-(the union of kernel intervals), the "is the GPU actually busy" number.
+(the union of kernel intervals), the "is the GPU actually busy" number; and ``host_syncs``,
+the ``cuda*Synchronize`` calls per step (the host waiting for the GPU: what ``.item()`` does).
+A plain step makes none (see trainer.loop: values are read on recorded steps), so with the
+default window (steps 8-10, log_every 10) they come from the one recorded step.
 """
 
 from __future__ import annotations
@@ -93,12 +96,16 @@ class StepProfiler:
         (self.folder / f"summary_rank{self.rank}.json").write_text(text)
 
 
+SYNCHRONIZE = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize")
+
+
 def split_step_time(events: Iterable[Any]) -> dict[str, float]:
     """Seconds per step in each phase (see the module docstring), ``step_s``, ``steps``, and
-    on CUDA ``gpu_busy``, from a profiler's events."""
+    on CUDA ``gpu_busy`` and ``host_syncs``, from a profiler's events."""
     spans: dict[str, list[tuple[float, float]]] = {
         k: [] for k in ("step", "data", "fb", "opt", "comm", "kernel")
     }
+    syncs = 0
     for event in events:
         name, span = event.name, (event.time_range.start, event.time_range.end)
         lowered = name.lower()
@@ -114,6 +121,8 @@ def split_step_time(events: Iterable[Any]) -> dict[str, float]:
             spans["comm"].append(span)
         if str(getattr(event, "device_type", "")).endswith("CUDA"):
             spans["kernel"].append(span)
+        if name in SYNCHRONIZE:
+            syncs += 1
     steps = len(spans["step"])
     total = _union(spans["step"])
     data, optimizer = _union(spans["data"]), _union(spans["opt"])
@@ -137,6 +146,7 @@ def split_step_time(events: Iterable[Any]) -> dict[str, float]:
     }
     if spans["kernel"] and total > 0:
         out["gpu_busy"] = _union(spans["kernel"]) / total
+        out["host_syncs"] = syncs / max(steps, 1)
     return out
 
 

@@ -130,7 +130,11 @@ def _profile_line(split: dict[str, float], out_dir: str) -> str:
 
     step = split["step_s"]
     parts = [f"{name.replace('_', ' ')} {split[name] / step:.0%}" for name in PHASES if step > 0]
-    busy = f", GPU busy {split['gpu_busy']:.0%}" if "gpu_busy" in split else ""
+    busy = (
+        f", GPU busy {split['gpu_busy']:.0%}, {split['host_syncs']:.1f} host syncs per step"
+        if "gpu_busy" in split
+        else ""
+    )
     return (
         f"profile: step {step * 1e3:.1f} ms over {split['steps']:.0f} steps: "
         f"{', '.join(parts)}{busy}; trace in {out_dir}/profile/"

@@ -26,7 +26,7 @@ def test_agc_matches_a_hand_computation() -> None:
         [[3.0, 4.0], [6.0, 8.0], [0.0, 0.0]],
         [[0.6, 0.8], [0.3, 0.4], [1.0, 0.0]],
     )
-    assert agc_([p], clip=0.1, eps=1e-3) is True
+    assert bool(agc_([p], clip=0.1, eps=1e-3)) is True
     assert p.grad is not None
     expected = torch.tensor([[0.3, 0.4], [0.3, 0.4], [1e-4, 0.0]])
     torch.testing.assert_close(p.grad, expected)
@@ -34,7 +34,7 @@ def test_agc_matches_a_hand_computation() -> None:
 
 def test_agc_leaves_small_gradients_alone() -> None:
     p = param([[3.0, 4.0]], [[0.03, 0.04]])
-    assert agc_([p], clip=0.1) is False
+    assert bool(agc_([p], clip=0.1)) is False
     assert p.grad is not None
     torch.testing.assert_close(p.grad, torch.tensor([[0.03, 0.04]]))
 
@@ -50,16 +50,16 @@ def test_norm_clipping_matches_torch_and_reports_firing() -> None:
     p = param([[0.0, 0.0]], [[3.0, 4.0]])
     total, _ = grad_norms([p])
     assert total.item() == 5.0
-    assert clip_gradients([p], "norm", total, max_norm=1.0) is True
+    assert bool(clip_gradients([p], "norm", total, max_norm=1.0)) is True
     assert p.grad is not None
     torch.testing.assert_close(p.grad, torch.tensor([[0.6, 0.8]]), atol=1e-6, rtol=1e-5)
     q = param([[0.0, 0.0]], [[0.3, 0.4]])
-    assert clip_gradients([q], "norm", grad_norms([q])[0], max_norm=1.0) is False
+    assert bool(clip_gradients([q], "norm", grad_norms([q])[0], max_norm=1.0)) is False
 
 
 def test_value_clipping_clamps_elements() -> None:
     p = param([[0.0, 0.0]], [[3.0, -0.5]])
-    assert clip_gradients([p], "value", grad_norms([p])[0], value=1.0) is True
+    assert bool(clip_gradients([p], "value", grad_norms([p])[0], value=1.0)) is True
     assert p.grad is not None
     assert p.grad.tolist() == [[1.0, -0.5]]
-    assert clip_gradients([p], "none", torch.tensor(10.0)) is False
+    assert bool(clip_gradients([p], "none", torch.tensor(10.0))) is False

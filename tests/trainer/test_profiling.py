@@ -29,6 +29,7 @@ def test_the_split_adds_up_to_the_step_on_known_intervals() -> None:
         event("gloo:all_reduce", 500, 600),
         event("scaleplan.optimizer", 700, 900),
         event("aten::mm", 120, 400, "DeviceType.CUDA"),
+        event("cudaStreamSynchronize", 910, 920),
     ]
     split = split_step_time(events)
     assert split["steps"] == 1 and split["step_s"] == pytest.approx(1e-3)
@@ -39,6 +40,7 @@ def test_the_split_adds_up_to_the_step_on_known_intervals() -> None:
     assert split["host_overhead"] == pytest.approx(150e-6)
     assert sum(split[name] for name in PHASES) == pytest.approx(split["step_s"])
     assert split["gpu_busy"] == pytest.approx(0.28)
+    assert split["host_syncs"] == 1
 
 
 def test_profile_writes_a_chrome_trace_and_the_split(tmp_path) -> None:
