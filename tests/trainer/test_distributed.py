@@ -223,6 +223,20 @@ def test_a_user_mistake_inside_the_ranks_is_one_line_from_rank_zero(
     ]
 
 
+def test_compile_composes_with_fsdp(config: Path, runs: dict[str, Path], tmp_path: Path) -> None:
+    # torch.compile wraps the FSDP2-sharded model (the pipeline's last step): 2 compiled ranks
+    # give the single-process eager run's validation curve
+    done = scaleplan(
+        "train", config, "--out", tmp_path / "compiled", "--nproc", "2", "--json",
+        "--set", "distributed.strategy=fsdp", "compile=true", timeout=400,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    got = result(tmp_path / "compiled")["val_curve"]
+    expected = result(runs["single"])["val_curve"]
+    assert [s for s, _ in got] == [s for s, _ in expected]
+    assert [v for _, v in got] == pytest.approx([v for _, v in expected], rel=1e-3)
+
+
 def test_mup_and_activation_checkpointing_compose_with_fsdp(config: Path, tmp_path: Path) -> None:
     # sharding comes after parametrization in the model pipeline: muP's init, multipliers and
     # per-group learning rates are set on the whole model, then FSDP2 shards it
