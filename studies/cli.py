@@ -57,6 +57,10 @@ def add_study_options(parser: argparse.ArgumentParser, default_out: str) -> None
 COMMANDS: dict[str, tuple[str, str]] = {
     "plan": ("studies.commands.plan", "Compute-optimal model size, tokens and loss for a budget."),
     "laws": ("studies.commands.laws", "List the published scaling laws."),
+    "memory": (
+        "studies.commands.memory",
+        "Memory per GPU (DDP, ZeRO-1/2/3, activations) and the splits of the GPUs that fit.",
+    ),
     "fit": ("studies.commands.fit", "Fit a scaling law to your runs (CSV or Parquet)."),
     "diagnose": ("studies.commands.diagnose", "Name the training pathologies in a run folder."),
     "train": ("studies.commands.train", "Train one model from a YAML config (--set to override)."),

@@ -8,6 +8,7 @@ from typing import Any
 
 from studies.cli import number
 from studies.commands import output
+from studies.commands.memory import add_precision_option
 
 DEFAULT_LAW = "epoch2024"
 
@@ -67,6 +68,33 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="a `scaleplan batch-size` result (batch_size.json): recommend the batch from your "
         "measured B_crit, carried to the predicted loss with Kaplan's exponent",
     )
+    recipe = parser.add_argument_group(
+        "recipe (one budget, one law): shape, batch, schedule, GPUs and a trainer config"
+    )
+    recipe.add_argument(
+        "--emit-config",
+        type=Path,
+        metavar="FILE",
+        help="write the recipe as a trainer config that `scaleplan train` runs as is",
+    )
+    recipe.add_argument(
+        "--base",
+        type=Path,
+        metavar="CONFIG",
+        help="trainer config whose data, tracking and other settings the emitted one keeps "
+        "(default: the default corpus)",
+    )
+    recipe.add_argument(
+        "--gpus", type=int, metavar="N", help="plan memory and a data x tensor x pipeline split"
+    )
+    recipe.add_argument("--seq-len", type=int, default=1024, help="sequence length (1024)")
+    recipe.add_argument(
+        "--vocab-size", type=int, default=50304, help="vocabulary, for total parameters (50304)"
+    )
+    recipe.add_argument(
+        "--micro-batch", type=int, default=1, help="sequences per micro-batch per GPU (1)"
+    )
+    add_precision_option(recipe, "autocast")
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
 
 
@@ -97,6 +125,8 @@ def run(args: argparse.Namespace) -> int:
         return _lifetime_budget(laws, args)
     if args.inference_tokens is not None:
         raise InputError("--inference-tokens goes with --compute or --target-loss")
+    if args.emit_config is not None or args.gpus is not None or args.base is not None:
+        return _recipe(laws, args)
     return _frontier(laws, args)
 
 
@@ -261,3 +291,131 @@ def _lifetime_budget(laws: list[Any], args: argparse.Namespace) -> int:
         rows,
     )
     return 0
+
+
+def _recipe(laws: list[Any], args: argparse.Namespace) -> int:
+    import yaml
+
+    from planner.batch import load_measured_batch
+    from planner.errors import InputError
+    from planner.hardware import gpu_hours_to_flops
+    from planner.memory import PRECISIONS, fits_note
+    from planner.recipe import make_recipe, trainer_config
+    from trainer.config import parse_config
+    from trainer.tracking import write_text_atomic
+
+    budgets = args.compute if args.compute is not None else args.gpu_hours
+    if len(laws) != 1 or len(budgets) != 1:
+        raise InputError(
+            f"--emit-config / --gpus / --base: a recipe is for one budget and one law (got "
+            f"{len(budgets)} budgets, {len(laws)} laws)"
+        )
+    compute = float(budgets[0])
+    if args.gpu_hours is not None:
+        compute = float(gpu_hours_to_flops(budgets, args.gpu, args.mfu)[0])
+    base = _base_config(args.base)
+    vocab = args.vocab_size
+    if args.emit_config is not None and (base.get("data") or {}).get("kind", "stdlib") in (
+        "stdlib",
+        "text",
+    ):
+        vocab = 256  # byte corpora (the default one too)
+    recipe = make_recipe(
+        laws[0],
+        compute,
+        seq_len=args.seq_len,
+        vocab_size=vocab,
+        level=args.level,
+        measured_batch=load_measured_batch(args.batch_from) if args.batch_from else None,
+        gpu=args.gpu,
+        mfu=args.mfu,
+        gpus=args.gpus,
+        micro_batch=args.micro_batch,
+        precision=PRECISIONS[args.precision],
+    )
+    config = None
+    if args.emit_config is not None:
+        config = trainer_config(recipe, base)
+        parse_config(config)  # what is written trains as is
+        header = (
+            f"# scaleplan plan --compute {compute:.3g} --law {laws[0].name}: N "
+            f"{output.count(recipe['n_params'])}, D {output.count(recipe['n_tokens'])}, "
+            f"predicted loss {output.fixed(recipe['loss'])} ({laws[0].loss_units})\n"
+        )
+        text = header + yaml.safe_dump(config, sort_keys=False)
+        write_text_atomic(args.emit_config, text)
+    if args.json:
+        output.print_json({**recipe, "config": config})
+        return 0
+    shape = recipe["shape"]
+    rows = [
+        ["compute", f"{output.sci(compute)} FLOPs"],
+        ["params N (law)", output.with_band(recipe, "n_params", output.count)],
+        ["tokens D", output.with_band(recipe, "n_tokens", output.count)],
+        ["predicted loss", output.with_band(recipe, "loss", output.fixed)],
+        [
+            "shape",
+            f"{shape['n_layer']} layers x {shape['d_model']} wide, {shape['n_head']} heads, "
+            f"sequence {shape['seq_len']} ({output.count(recipe['shape_params_non_embedding'])} "
+            f"non-embedding, {output.count(recipe['shape_params'])} with vocabulary "
+            f"{shape['vocab_size']})",
+        ],
+        ["peak LR", f"{recipe['learning_rate']:.3g} (AdamW)"],
+        [
+            "batch",
+            f"{recipe['batch_sequences']} sequences = {output.count(recipe['tokens_per_step'])} "
+            f"tokens ({recipe['batch_from']})",
+        ],
+        [
+            "schedule",
+            f"{recipe['steps']} steps: warm-up {recipe['warmup_steps']}, cosine to "
+            f"{recipe['min_lr_ratio']:.0%}",
+        ],
+        ["GPU-hours", f"{output.count(recipe['gpu_hours'])} {args.gpu} at MFU {args.mfu:.0%}"],
+    ]
+    if args.gpus is not None:
+        hours = recipe["wall_clock_hours"]
+        shown = f"{hours:,.0f} h ({hours / 24:,.1f} days)" if hours >= 10 else f"{hours:.3g} h"
+        rows.append(["on GPUs", f"{args.gpus} x {args.gpu}: {shown}"])
+        rows.append(["split", fits_note(_split(recipe["split"]), args.gpu)])
+    if config is not None:
+        rows.append(["config", f"{args.emit_config} (scaleplan train {args.emit_config})"])
+    output.print_table(
+        f"{laws[0].name}: compute-optimal recipe",
+        ["", "value"],
+        rows,
+        caption=_caption(laws[0], args.level, None)
+        + "\nShape: Kaplan et al. 2020 sec. 3.1 (loss flat in d/L), GPT-3's d/L (Brown et al. "
+        "2020, Table 2.1). Schedule: Hoffmann et al. 2022 (cosine cycle = run, to 10%)."
+        + (
+            "\nMemory: ZeRO (Rajbhandari et al. 2020), activations (Korthikanti et al. 2022), "
+            "bubble (Narayanan et al. 2021); see `scaleplan memory` for every split."
+            if args.gpus is not None
+            else ""
+        ),
+    )
+    return 0
+
+
+def _split(row: dict[str, Any]) -> Any:
+    from planner.memory import Split
+
+    return Split(**{k: v for k, v in row.items() if k != "label"})
+
+
+def _base_config(path: Path | None) -> dict[str, Any]:
+    import yaml
+
+    from planner.errors import InputError
+
+    if path is None:
+        return {}
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except OSError as error:
+        raise InputError(f"--base: cannot read '{path}' ({error.strerror})") from None
+    except yaml.YAMLError as error:
+        raise InputError(f"--base: '{path}' is not valid YAML ({error})") from None
+    if not isinstance(raw, dict):
+        raise InputError(f"--base: '{path}' holds no mapping of trainer settings")
+    return raw

@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from planner.memory import AUTOCAST, model_state_bytes
 from trainer.tracking import read_metrics
 
 pytestmark = pytest.mark.slow
@@ -114,6 +115,14 @@ def test_fsdp_holds_half_of_ddps_parameter_gradient_and_optimiser_memory(
         assert fsdp[key] / ddp[key] == pytest.approx(0.5, abs=0.05), key
     total = sum(ddp[k] for k in ("memory/params", "memory/grads", "memory/optimizer"))
     assert total == pytest.approx(4 * ddp["memory/params"])  # AdamW: 2 moments, fp32
+
+    # the planner's memory plan predicts both: fp32 weights and gradients, Adam's 2 moments
+    # (AUTOCAST), none sharded under DDP and all of it (ZeRO-3) under FSDP2
+    n_params = result(runs["fsdp"])["n_params"]
+    for record, stage in ((ddp, 0), (fsdp, 3)):
+        predicted = model_state_bytes(n_params, stage, data_parallel=2, precision=AUTOCAST)
+        for part in ("params", "grads", "optimizer"):
+            assert record[f"memory/{part}"] == pytest.approx(predicted[part], rel=0.01), part
 
 
 def test_sharded_checkpoints_are_written_by_every_rank(runs: dict[str, Path]) -> None:

@@ -1,0 +1,93 @@
+"""`scaleplan plan ... --emit-config` writes a recipe that `scaleplan train` runs as is;
+`--gpus` adds the memory and parallelism plan; `scaleplan memory` prints ZeRO's Figure 1."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from studies.cli import main
+from trainer.config import load_config
+
+
+def test_the_emitted_recipe_trains_as_is_on_its_budget(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    recipe_file = tmp_path / "recipe.yaml"
+    args = ["plan", "--compute", "1e12", "--law", "epoch2024", "--seq-len", "128"]
+    assert main([*args, "--emit-config", str(recipe_file), "--json"]) == 0
+    recipe = json.loads(capsys.readouterr().out)
+    config = load_config(recipe_file)
+    assert config.steps == recipe["steps"] and config.data.batch_size == recipe["batch_sequences"]
+    assert (config.model.n_layer, config.model.d_model) == (
+        recipe["shape"]["n_layer"],
+        recipe["shape"]["d_model"],
+    )
+    assert config.optimizer.lr == pytest.approx(recipe["learning_rate"], rel=1e-3)
+    assert recipe["steps"] * recipe["tokens_per_step"] >= recipe["n_tokens"]
+
+    out = tmp_path / "run"
+    assert main(["train", str(recipe_file), "--out", str(out), "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["steps"] == recipe["steps"]
+    assert result["flops"] == pytest.approx(1e12, rel=0.1)  # the budget it was planned for
+    assert result["final_val_loss"] < result["val_curve"][0][1] - 2.0  # it learned
+
+
+def test_a_recipe_on_gpus_carries_its_split(capsys: pytest.CaptureFixture[str]) -> None:
+    args = ["plan", "--compute", "1e23", "--law", "epoch2024", "--seq-len", "2048"]
+    assert main([*args, "--gpus", "64", "--json"]) == 0
+    recipe = json.loads(capsys.readouterr().out)
+    split = recipe["split"]
+    assert split["fits"] and split["data"] * split["tensor"] * split["pipeline"] == 64
+    assert split["total_gb"] < 0.9 * 80
+    assert recipe["wall_clock_hours"] == pytest.approx(recipe["gpu_hours"] / 64)
+    assert recipe["alternatives"][0] == split
+
+
+@pytest.mark.parametrize(
+    ("extra", "says"),
+    [
+        (["--gpus", "2"], "--gpus: the model fits no split of 2 h100 GPUs"),
+        (["--gpus", "0"], "--gpus: 0 is not allowed"),
+        (["--compute", "1e23", "1e24", "--gpus", "8"], "a recipe is for one budget and one law"),
+        (["--base", "nowhere.yaml"], "--base: cannot read 'nowhere.yaml'"),
+    ],
+)
+def test_bad_recipe_input_is_one_line_and_exit_2(
+    extra: list[str], says: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    args = ["plan", "--compute", "1e23", "--law", "epoch2024"]
+    if "--compute" in extra:
+        args = ["plan", "--law", "epoch2024"]
+    assert main([*args, *extra]) == 2
+    err = capsys.readouterr().err
+    assert says in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_a_base_config_keeps_its_data_and_tracking(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    base = tmp_path / "base.yaml"
+    data = {"kind": "stdlib", "max_bytes": 300_000, "cache_dir": str(tmp_path / "cache")}
+    base.write_text(yaml.safe_dump({"data": data, "tracking": {"enabled": False}}))
+    out = tmp_path / "recipe.yaml"
+    args = ["plan", "--compute", "1e12", "--law", "epoch2024", "--seq-len", "64"]
+    assert main([*args, "--base", str(base), "--emit-config", str(out)]) == 0
+    config = load_config(out)
+    assert config.data.max_bytes == 300_000 and config.data.block_size == 64
+    assert not config.tracking.enabled
+    assert "compute-optimal recipe" in capsys.readouterr().out
+
+
+def test_memory_prints_zero_figure_1(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["memory", "--params", "7.5e9", "--gpus", "64", "--json"]) == 0
+    shown = json.loads(capsys.readouterr().out)
+    totals = [row["total"] for row in shown["model_states_gb"]]
+    assert totals == pytest.approx([120.0, 31.4, 16.6, 1.9], abs=0.05)
+    assert shown["splits"][0]["fits"]
+    assert main(["memory", "--shape", "32,4096,31", "--gpus", "8"]) == 2
+    assert "--shape: 32,4096,31" in capsys.readouterr().err
