@@ -40,19 +40,13 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from studies.backends.ray.records import continued_text, final_metrics, one_line
-from studies.backends.ray.trial import (
-    EXPLOITED,
-    TrialContext,
-    TrialFn,
-    end_interrupted_run,
-    report_to_tune,
-)
+from studies.backends.ray.records import continued_text, one_line
+from studies.backends.ray.trial import EXPLOITED, TrialContext, TrialFn, end_interrupted_run
 from studies.config import ParamSpec, StudyConfig
 from studies.errors import StudyError
 from studies.objective import TrialOutcome, trial_dir
@@ -65,12 +59,6 @@ if TYPE_CHECKING:
 CHECKPOINT_META = "scaleplan_checkpoint.json"  # in a PBT Tune checkpoint: whose, which step
 # Tune checkpoints kept per PBT trial: a donor's newest must outlive the trials copying it
 KEEP_PBT_CHECKPOINTS = 4
-
-
-def handover_root(study: StudyConfig, runs_dir: Path) -> Path:
-    """Where PBT trials of several Ray Train workers hand checkpoints to their Tune function
-    (removed at the end of each stage)."""
-    return Path(runs_dir) / study.name / "ray-train" / "pbt-handover"
 
 
 def pbt_mutations(space: Mapping[str, ParamSpec]) -> dict[str, Any]:
@@ -100,6 +88,13 @@ def check_pbt(study: StudyConfig, index: int, trial_fn: TrialFn | None) -> None:
         return
     field = f"stages.{stage.name}.pruner"
     steps, first_eval = stage_steps(study, stage)
+    if study.ray is not None and study.ray.workers_per_trial > 1:
+        raise StudyError(
+            f"{field}.name: pbt with ray.workers_per_trial {study.ray.workers_per_trial} is not "
+            "supported (a paused Ray Train trial's worker group can keep its resources, and "
+            "the population then waits forever); use asha, median or none, or one worker "
+            "per trial"
+        )
     if trial_fn is not None:
         raise StudyError(
             f"{field}.name: pbt continues trials from the trainer's checkpoints; it cannot "
@@ -136,84 +131,56 @@ class _PbtStart:
     continued_from: dict[str, int] | None = None  # the last takeover in this trial's weights
 
 
-@dataclass(frozen=True)
-class PbtPlan:
-    """How one run of a PBT trial goes, decided by its Tune function (picklable: a trial of
-    several Ray Train workers hands it to each): where it starts, whether it resumes its own
-    folder, its MLflow tags, and where the checkpoints for Tune are written (a folder every
-    worker and the Tune function can reach)."""
-
-    scratch: Path
-    meta: dict[str, Any]
-    start: _PbtStart
-    interval: int
-    burn_in: int
-    last_step: int
-    resume: bool
-    tags: dict[str, str]
-
-    def checkpoints(self, main: bool = True) -> _TuneCheckpoints:
-        """The trainer callback that writes them; `main`: this process writes the folders
-        (rank 0; every rank saves the trainer checkpoint, a collective under DDP / FSDP2)."""
-        return _TuneCheckpoints(self, main)
-
-    def run(
-        self,
-        ctx: TrialContext,
-        params: dict[str, Any],
-        report: Callable[[int, float], bool],
-        checkpoints: _TuneCheckpoints,
-        tags: Mapping[str, str] | None = None,
-    ) -> TrialOutcome:
-        """`studies.objective.run_trial` from the plan's start, with `checkpoints` called
-        before the reporter."""
-        from studies.objective import run_trial
-
-        study, stage = ctx.study, ctx.stage
-        return run_trial(
-            study,
-            stage,
-            params,
-            trial_id=f"{stage.name}-{self.meta['number']}",
-            report=report,
-            parent_run_id=ctx.parent_run_id,
-            tags={**self.tags, **(tags or {})},
-            runs_dir=ctx.runs_dir,
-            callbacks=[checkpoints],
-            resume=self.resume,
-            start_from=self.start.checkpoint,
-        )
-
-
 def run_pbt_trial(
     ctx: TrialContext, number: int, params: dict[str, Any], trial_id: str, tags: dict[str, str]
-) -> tuple[dict[str, Any] | None, bool]:
+) -> tuple[TrialOutcome, bool, dict[str, int] | None]:
     """A PBT trial: `studies.objective.run_trial`, started from Tune's checkpoint when there
     is one (``start_from``: this config's hyperparameters on the checkpoint's state), handing
     Tune a checkpoint with each decision, and keeping the last evaluation to itself (no exploit
-    at the end of the budget); on ``ray.workers_per_trial`` Ray Train workers when that is
-    above 1. Returns (the trial's final report, stopped by Tune: paused or exploited)."""
+    at the end of the budget). Returns (outcome, stopped by Tune: paused or exploited, the
+    takeover its weights come from)."""
     import shutil
     import tempfile
 
     from ray import tune
 
+    from studies.objective import run_trial
     from trainer.tracking import METRICS_FILE
 
     study, stage = ctx.study, ctx.stage
     out_dir = trial_dir(study, trial_id, ctx.runs_dir)
-    workers = study.ray.workers_per_trial if study.ray is not None else 1
-    root = None  # several workers: beside the trial folders, which they all reach
-    if workers > 1:
-        root = handover_root(study, ctx.runs_dir)
-        root.mkdir(parents=True, exist_ok=True)
-    scratch = Path(tempfile.mkdtemp(prefix=f"{trial_id}-", dir=root))
-    try:
+    last_step = trial_config(study, params, stage).steps
+    stopped = False
+    with tempfile.TemporaryDirectory(prefix="scaleplan-pbt-") as scratch:
         try:
-            start = _pbt_start(tune.get_checkpoint(), scratch, number)
+            start = _pbt_start(tune.get_checkpoint(), Path(scratch), number)
         except Exception as error:
-            failed = TrialOutcome("failed", None, one_line(error), 0, [])
-            return final_metrics(failed), False
+            return TrialOutcome("failed", None, one_line(error), 0, []), False, None
+        _, first_eval = stage_steps(study, stage)
+        checkpoints = _TuneCheckpoints(
+            Path(scratch),
+            {"study": study.name, "stage": stage.name, "number": number},
+            start,
+            interval=stage.pruner.interval or first_eval,
+            burn_in=stage.pruner.min_resource or 0,
+            last_step=last_step,
+        )
+
+        def report(step: int, value: float) -> bool:
+            nonlocal stopped
+            if stopped or step >= last_step:  # the budget is spent: no decision
+                return stopped
+            folder = checkpoints.take(step)
+            try:
+                checkpoint = tune.Checkpoint.from_directory(folder) if folder else None
+                tune.report({"objective": float(value), "step": int(step)}, checkpoint=checkpoint)
+            except SystemExit:  # PBT paused this trial, or gave it another's weights
+                stopped = True
+            finally:
+                if folder is not None:
+                    shutil.rmtree(folder, ignore_errors=True)
+            return stopped
+
         resume = start.own and (out_dir / METRICS_FILE).exists()
         run_tags = dict(tags)
         if not resume:
@@ -224,45 +191,29 @@ def run_pbt_trial(
                 run_tags["continued_from"] = text
             else:
                 end_interrupted_run(ctx, trial_id, number)
-        _, first_eval = stage_steps(study, stage)
-        plan = PbtPlan(
-            scratch,
-            {"study": study.name, "stage": stage.name, "number": number},
-            start,
-            interval=stage.pruner.interval or first_eval,
-            burn_in=stage.pruner.min_resource or 0,
-            last_step=trial_config(study, params, stage).steps,
-            resume=resume,
+        outcome = run_trial(
+            study,
+            stage,
+            params,
+            trial_id=trial_id,
+            report=report,
+            parent_run_id=ctx.parent_run_id,
             tags=run_tags,
+            runs_dir=ctx.runs_dir,
+            callbacks=[checkpoints],
+            resume=resume,
+            start_from=start.checkpoint,
         )
-        if workers > 1:
-            from studies.backends.ray.train import run_train_trial
-
-            return run_train_trial(ctx, params, number, pbt=plan)
-
-        checkpoints = plan.checkpoints()
-        stopped = False
-
-        def report(step: int, value: float) -> bool:
-            nonlocal stopped
-            if not stopped and step < plan.last_step:  # at the budget's end: no decision
-                stopped = report_to_tune(step, value, checkpoints.take(step))
-            return stopped
-
-        outcome = plan.run(ctx, params, report, checkpoints)
-        return final_metrics(outcome, start.continued_from), stopped
-    finally:
-        shutil.rmtree(scratch, ignore_errors=True)
+    return outcome, stopped, start.continued_from
 
 
 def _pbt_start(checkpoint: Any, scratch: Path, number: int) -> _PbtStart:
-    """The trainer checkpoint inside Tune's (downloaded under `scratch`), and whose it is:
-    a ``step_*.pt`` file, or a ``step_*.dcp`` folder when the trial ran on several workers."""
+    """The trainer checkpoint inside Tune's (downloaded under `scratch`), and whose it is."""
     if checkpoint is None:
         return _PbtStart()
     folder = Path(checkpoint.to_directory(str(scratch / "start")))
     meta = json.loads((folder / CHECKPOINT_META).read_text())
-    files = sorted(p for p in folder.glob("step_*") if p.suffix in (".pt", ".dcp"))
+    files = sorted(folder.glob("step_*.pt"))
     if not files:
         raise FileNotFoundError(f"no trainer checkpoint in {checkpoint.path}")
     step = int(meta["step"])
@@ -277,14 +228,22 @@ class _TuneCheckpoints:
     PBT will decide (its own rule: past ``burn_in``, ``interval`` steps after the last
     decision; never the last step) the checkpoint of this very step goes into a Tune
     checkpoint folder for the report that follows, so that a trial that copies this one, or
-    this one after a pause, starts exactly here. Every rank saves (a collective under
-    several processes); the `main` one links or copies the result into the folder."""
+    this one after a pause, starts exactly here."""
 
-    def __init__(self, plan: PbtPlan, main: bool) -> None:
-        self.scratch, self.main = plan.scratch, main
-        self.meta = {**plan.meta, "continued_from": plan.start.continued_from}
-        self.last_decision = plan.start.step  # PBT counts from the step a trial starts at
-        self.interval, self.burn_in, self.last_step = plan.interval, plan.burn_in, plan.last_step
+    def __init__(
+        self,
+        scratch: Path,
+        meta: dict[str, Any],
+        start: _PbtStart,
+        *,
+        interval: int,
+        burn_in: int,
+        last_step: int,
+    ) -> None:
+        self.scratch = scratch
+        self.meta = {**meta, "continued_from": start.continued_from}
+        self.last_decision = start.step  # PBT counts from the step a trial starts at
+        self.interval, self.burn_in, self.last_step = interval, burn_in, last_step
         self.pending: tuple[int, Path] | None = None
 
     def __call__(self, info: StepInfo) -> None:
@@ -298,12 +257,15 @@ class _TuneCheckpoints:
         if save is None or not due:
             return
         self.last_decision = info.step
-        trainer_checkpoint = save()
-        if not self.main:
-            return
         folder = self.scratch / f"tune-{info.step}"
         folder.mkdir(parents=True, exist_ok=True)
-        _link_or_copy(trainer_checkpoint, folder / trainer_checkpoint.name)
+        trainer_checkpoint = save()
+        try:  # the trainer keeps only its newest checkpoints: a link, else a copy
+            os.link(trainer_checkpoint, folder / trainer_checkpoint.name)
+        except OSError:
+            import shutil
+
+            shutil.copy2(trainer_checkpoint, folder / trainer_checkpoint.name)
         (folder / CHECKPOINT_META).write_text(json.dumps({**self.meta, "step": info.step}))
         self.pending = (info.step, folder)
 
@@ -311,20 +273,3 @@ class _TuneCheckpoints:
         """The Tune checkpoint folder written for `step`, if one was due."""
         pending, self.pending = self.pending, None
         return pending[1] if pending is not None and pending[0] == step else None
-
-
-def _link_or_copy(source: Path, target: Path) -> None:
-    """The trainer keeps only its newest checkpoints: hard links (of each file of a sharded
-    checkpoint's folder), else copies."""
-    import shutil
-
-    def one(src: str, dst: str) -> None:
-        try:
-            os.link(src, dst)
-        except OSError:
-            shutil.copy2(src, dst)
-
-    if source.is_dir():
-        shutil.copytree(source, target, copy_function=one)
-    else:
-        one(str(source), str(target))

@@ -50,7 +50,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import shutil
 import socket
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
@@ -61,7 +60,6 @@ from studies.backends.ray.adapters import LIVE, make_scheduler, storage_filesyst
 from studies.backends.ray.pbt import (
     KEEP_PBT_CHECKPOINTS,
     check_pbt,
-    handover_root,
     run_pbt_trial,
 )
 from studies.backends.ray.records import (
@@ -77,12 +75,7 @@ from studies.backends.ray.records import (
     write_meta,
 )
 from studies.backends.ray.train import run_train_trial
-from studies.backends.ray.trial import (
-    TrialContext,
-    TrialFn,
-    end_interrupted_run,
-    report_to_tune,
-)
+from studies.backends.ray.trial import TrialContext, TrialFn, end_interrupted_run
 from studies.config import RayOptions, StageSpec, StudyConfig
 from studies.errors import StudyError
 from studies.objective import TrialOutcome
@@ -390,8 +383,6 @@ def _run_stage(
                 grid = tuner.fit()
     finally:
         LIVE.pop(name, None)
-        # what a PBT trial killed mid-call (Tune ends a stopped trial's thread) left behind
-        shutil.rmtree(handover_root(study, runs_dir), ignore_errors=True)
     if _finished(grid) < stage.trials:
         # Tune stops early only when interrupted (^C): the stage resumes on the next run
         raise KeyboardInterrupt(
@@ -529,7 +520,7 @@ def _trial_main(config: dict[str, Any], ctx: TrialContext) -> None:
     number = int(config[NUMBER_KEY])
     params = active_params(ctx.space, config)
     trial_id = f"{stage.name}-{number}"
-    final: dict[str, Any] | None
+    continued_from: dict[str, int] | None = None
     if stage.pruner.name == "pbt":
         tags = {
             "study": ctx.study.name,
@@ -538,31 +529,41 @@ def _trial_main(config: dict[str, Any], ctx: TrialContext) -> None:
             "scaleplan.kind": "trial",
             "backend": "ray",
         }
-        final, stopped = run_pbt_trial(ctx, number, params, trial_id, tags)
+        outcome, stopped, continued_from = run_pbt_trial(ctx, number, params, trial_id, tags)
     elif ctx.study.ray is not None and ctx.study.ray.workers_per_trial > 1:
         end_interrupted_run(ctx, trial_id, number)
         final, stopped = run_train_trial(ctx, params, number)
+        if stopped:
+            raise SystemExit(0)  # as below
+        tune.report(final or {})
+        return
     else:
         end_interrupted_run(ctx, trial_id, number)
         outcome, stopped = _run_stoppable_trial(ctx, params, number)
-        final = final_metrics(outcome)
     if stopped:
         # end the thread as Tune expects of a stopped trial; returning would make Tune's
         # wrapper wait for a reply that never comes, and a reused actor would not be freed
         raise SystemExit(0)
-    tune.report(final or {})
+    tune.report(final_metrics(outcome, continued_from))
 
 
 def _run_stoppable_trial(
     ctx: TrialContext, params: dict[str, Any], number: int
 ) -> tuple[TrialOutcome, bool]:
     """The study's objective (or the custom trial_fn) with a `report` that Tune's scheduler
-    can stop; returns (outcome, stopped by the scheduler)."""
+    can stop;
+    returns (outcome, stopped by the scheduler)."""
+    from ray import tune
+
     stopped = False
 
     def report(step: int, value: float) -> bool:
         nonlocal stopped
-        stopped = stopped or report_to_tune(step, value)  # stopped: prune it
+        if not stopped:
+            try:
+                tune.report({"objective": float(value), "step": int(step)})
+            except SystemExit:  # the scheduler stops this trial: prune it
+                stopped = True
         return stopped
 
     outcome = call_trial(

@@ -14,15 +14,6 @@ there: a stop raises SystemExit in that call. The answer for that step goes back
 (a small actor they wait on), so they stop at the very evaluation the scheduler judged: the
 trainer ends the run cleanly, the trial is pruned and its MLflow run says so. The workers' last
 report is the trial's outcome.
-
-Population Based Training (``pruner: pbt``) runs the same way: the Tune function decides where
-the trial starts (`studies.backends.ray.pbt.PbtPlan`) and hands the plan to the workers; at a
-decision step every rank saves the trainer's sharded checkpoint and rank 0 puts it in a folder
-beside the trial folders (``<runs>/<study>/ray-train/pbt-handover``; on a cluster that folder,
-like the trial folders, must be on storage every node shares), whose path goes with its report;
-the Tune function reports it to Tune as the trial's checkpoint. A trial PBT pauses or exploits
-stops at that step, and its next start restores from the checkpoint Tune gives it, on any
-number of workers.
 """
 
 from __future__ import annotations
@@ -31,33 +22,33 @@ import os
 import queue
 import threading
 import time
-from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from studies.backends.ray.trial import TrialContext, report_to_tune
+from studies.backends.ray.trial import TrialContext
 from studies.config import RayOptions
-
-if TYPE_CHECKING:
-    from studies.backends.ray.pbt import PbtPlan
 
 __all__ = ["run_train_trial"]
 
 DECISION_TIMEOUT_S = 600.0  # how long a worker waits for the scheduler's answer to a report
+START_TIMEOUT_ENV = "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"  # Train passes it to its controller
 POLL_S = 0.05
 
 
 def run_train_trial(
-    ctx: TrialContext, params: dict[str, Any], number: int, pbt: PbtPlan | None = None
+    ctx: TrialContext, params: dict[str, Any], number: int
 ) -> tuple[dict[str, Any] | None, bool]:
     """Run one trial on `ctx.study.ray.workers_per_trial` Ray Train workers, reporting each
-    evaluation to Tune (with `pbt`: from the plan's start, with its checkpoints); returns (the
-    workers' final report, stopped by the scheduler). Raises what the Train run raised when it
-    ended without a final report (a Ray-level failure)."""
+    evaluation to Tune; returns (the workers' final report, stopped by the scheduler). Raises
+    what the Train run raised when it ended without a final report (a Ray-level failure)."""
     import ray
+    from ray import tune
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
     from ray.util.queue import Queue
 
+    # a worker group waits for the resources a stopped trial's group is still giving back (on
+    # a busy machine that took over Train's default 60 s, and the trial failed)
+    os.environ.setdefault(START_TIMEOUT_ENV, str(int(DECISION_TIMEOUT_S)))
     options = ctx.study.ray or RayOptions()
     gpus = options.gpus_per_worker
     resources = {"CPU": options.cpus_per_worker, **({"GPU": gpus} if gpus > 0 else {})}
@@ -70,7 +61,6 @@ def run_train_trial(
             "params": params,
             "number": number,
             "decisions": decisions,
-            "pbt": pbt,
         },  # fmt: skip
         torch_config=TorchConfig(backend="nccl" if gpus > 0 else "gloo"),
         scaling_config=ScalingConfig(
@@ -107,9 +97,11 @@ def run_train_trial(
         if "state" in item:  # the outcome, after the run
             final = item
             continue
-        folder = Path(item["checkpoint_dir"]) if item.get("checkpoint_dir") else None
-        if not stopped:  # stopped: the workers prune (or PBT pauses) the trial at this step
-            stopped = report_to_tune(int(item["step"]), float(item["objective"]), folder)
+        if not stopped:
+            try:
+                tune.report({"objective": float(item["objective"]), "step": int(item["step"])})
+            except SystemExit:  # the scheduler stops this trial: the workers prune it
+                stopped = True
         decisions.decide.remote(int(item["step"]), stopped)
     thread.join()
     if final is None and failure:
@@ -159,18 +151,8 @@ def _worker(config: dict[str, Any]) -> None:
     if ctx.cwd and os.path.isdir(ctx.cwd):
         os.chdir(ctx.cwd)
 
-    plan: PbtPlan | None = config["pbt"]
-    rank = ray.train.get_context().get_world_rank()
-    checkpoints = plan.checkpoints(main=rank == 0) if plan is not None else None
-
     def report(step: int, value: float) -> bool:
-        if plan is not None and step >= plan.last_step:  # PBT: no decision at the end
-            return False
-        metrics: dict[str, Any] = {"objective": float(value), "step": int(step)}
-        folder = checkpoints.take(step) if checkpoints is not None else None
-        if folder is not None:
-            metrics["checkpoint_dir"] = str(folder)
-        ray.train.report(metrics)
+        ray.train.report({"objective": float(value), "step": int(step)})
         deadline = time.monotonic() + DECISION_TIMEOUT_S
         while time.monotonic() < deadline:  # every rank gets the same answer for this step
             answer = ray.get(decisions.answer.remote(int(step)))
@@ -179,11 +161,6 @@ def _worker(config: dict[str, Any]) -> None:
             time.sleep(POLL_S)
         return False
 
-    tags = {"backend": "ray", "ray_train_workers": str(ray.train.get_context().get_world_size())}
-    if plan is not None and checkpoints is not None:
-        outcome = plan.run(ctx, config["params"], report, checkpoints, tags)
-        ray.train.report(final_metrics(outcome, plan.start.continued_from))
-        return
     outcome = call_trial(
         ctx.trial_fn,
         ctx.study,
@@ -193,6 +170,6 @@ def _worker(config: dict[str, Any]) -> None:
         report=report,
         parent_run_id=ctx.parent_run_id,
         runs_dir=ctx.runs_dir,
-        tags=tags,
+        tags={"backend": "ray", "ray_train_workers": str(ray.train.get_context().get_world_size())},
     )
     ray.train.report(final_metrics(outcome))

@@ -3,7 +3,6 @@ trial runs again (after a kill) or continues from another's weights (PBT)."""
 
 from __future__ import annotations
 
-import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,23 +35,6 @@ class TrialContext:
     @property
     def stage(self) -> StageSpec:
         return self.study.stages[self.index]
-
-
-def report_to_tune(step: int, value: float, checkpoint_dir: Path | None = None) -> bool:
-    """`tune.report` of one evaluation, with a PBT checkpoint folder (Tune copies it into its
-    storage; the folder is removed after); True when the scheduler stopped the trial (Tune
-    raises SystemExit in the call: pruned, or for PBT paused or exploited)."""
-    from ray import tune
-
-    try:
-        checkpoint = tune.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
-        tune.report({"objective": float(value), "step": int(step)}, checkpoint=checkpoint)
-    except SystemExit:
-        return True
-    finally:
-        if checkpoint_dir is not None:
-            shutil.rmtree(checkpoint_dir, ignore_errors=True)
-    return False
 
 
 def end_interrupted_run(
