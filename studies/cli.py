@@ -57,6 +57,10 @@ def add_study_options(parser: argparse.ArgumentParser, default_out: str) -> None
 COMMANDS: dict[str, tuple[str, str]] = {
     "plan": ("studies.commands.plan", "Compute-optimal model size, tokens and loss for a budget."),
     "laws": ("studies.commands.laws", "List the published scaling laws."),
+    "ladder": (
+        "studies.commands.ladder",
+        "Train a scaling ladder (IsoFLOP grid and WSD cool-downs) into a runs table.",
+    ),
     "memory": (
         "studies.commands.memory",
         "Memory per GPU (DDP, ZeRO-1/2/3, activations) and the splits of the GPUs that fit.",

@@ -40,7 +40,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from studies.config import NAME_PATTERN, StudyConfig
-from studies.errors import StudyError
+from studies.errors import StudyError, first_error
 from studies.sweep import NullView, StageReport, prepare_study, run_sweep_reports
 from trainer.tracking import write_text_atomic
 
@@ -107,9 +107,7 @@ def load_comparison(
     try:
         config = ComparisonConfig.model_validate(raw)
     except ValidationError as exc:
-        error = exc.errors()[0]
-        where = ".".join(str(part) for part in error["loc"]) or "comparison"
-        raise StudyError(f"{where}: {error['msg']}") from None
+        raise first_error(exc, "comparison") from None
     study_path = config.study if config.study.is_absolute() else path.parent / config.study
     if not study_path.is_file():
         raise StudyError(f"study: {config.study} not found (looked for {study_path})")

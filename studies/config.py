@@ -429,6 +429,12 @@ class StageSpec(BaseModel):
     pruner: PrunerSpec = Field(
         default_factory=PrunerSpec, description="Pruner: a name, or a mapping with its knobs."
     )
+    start_from: str | None = Field(
+        default=None,
+        description="A trainer checkpoint every trial of this stage continues from, under its "
+        "own config (weights, optimiser moments, step and curves; trainer.train(start_from=)): "
+        "a cool-down branched off a stable run, a fine-tune. Relative to the study file.",
+    )
     narrow: NarrowSpec | None = Field(
         default=None,
         description="Derive this stage's space from the previous stage's best trials; None: "
@@ -724,6 +730,11 @@ class StudyConfig(BaseModel):
                 raise StudyError(
                     f"stages.{stage.name}.pruner.name: pbt continues trials from the trainer's "
                     "checkpoints; a callable objective has none"
+                )
+            if stage.start_from is not None:
+                raise StudyError(
+                    f"stages.{stage.name}.start_from: a trainer checkpoint, but the objective is "
+                    f"a callable ('{self.objective.callable}'), which does not read one"
                 )
 
     @property

@@ -68,8 +68,14 @@ _NONFINITE_MESSAGE = re.compile(r"step (\d+): (.+?) is \S+ \(non-finite\)")
 
 def trial_dir(study: StudyConfig, trial_id: str, runs_dir: str | Path | None = None) -> Path:
     """``<runs_dir>/<study name>/trials/<trial_id>``, absolute; runs_dir None: ./runs."""
+    return trial_path(study.name, trial_id, runs_dir)
+
+
+def trial_path(study_name: str, trial_id: str, runs_dir: str | Path | None = None) -> Path:
+    """`trial_dir` by the study's name (for a study file that names its own trials' folders,
+    e.g. a ladder's cool-down starting from a stable run's checkpoint)."""
     return (
-        Path("runs" if runs_dir is None else runs_dir) / study.name / "trials" / trial_id
+        Path("runs" if runs_dir is None else runs_dir) / study_name / "trials" / trial_id
     ).absolute()
 
 
@@ -100,6 +106,8 @@ def run_trial(
     out_dir = trial_dir(study, trial_id, runs_dir)
     metric = study.objective.metric
     intermediate: list[tuple[int, float]] = []
+    if start_from is None and stage.start_from is not None:
+        start_from = Path(stage.start_from)
     try:
         from studies.trainer_config import trial_config
         from trainer.distributed import barrier, world_from_env

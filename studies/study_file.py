@@ -39,6 +39,10 @@ def load_study(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) ->
         raise StudyError("base: empty; expected the trainer YAML's path (relative to the study)")
     if isinstance(base, str):
         raw["base"] = str((path.parent / base).absolute()) if not Path(base).is_absolute() else base
+    for stage in raw.get("stages") or []:
+        start = stage.get("start_from") if isinstance(stage, dict) else None
+        if isinstance(start, str) and start.strip() and not Path(start).is_absolute():
+            stage["start_from"] = str((path.parent / start).absolute())
     study = validate_study(raw, search_path=path.parent.absolute())
     if study.is_trainer:
         check_trainer_keys(study)

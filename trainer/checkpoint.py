@@ -75,6 +75,9 @@ SHARDED_KEYS = ("model", "optimizer")  # in the DCP shards of a sharded checkpoi
 HYPERPARAMETER_FIELDS = ("optimizer", "schedule", "clip", "label_smoothing", "early_stopping")
 # ... except these, which decide what the optimiser state is and which parameters it covers
 STATE_FIELDS = ("optimizer.name", "optimizer.no_decay_on", "optimizer.muon_exclude")
+# A continuation may also train to another horizon and evaluate at other steps (a WSD
+# cool-down branched off a stable run: its schedule decays over its own steps)
+HORIZON_FIELDS = ("steps", "eval_every")
 
 
 def checkpoint_path(run_dir: Path, step: int, sharded: bool = False) -> Path:
@@ -285,11 +288,16 @@ def is_hyperparameter(key: str) -> bool:
 
 def check_continuation(state: dict[str, Any], config: TrainConfig, path: Path) -> None:
     """ConfigError unless `config` differs from the one that wrote `state` only in
-    hyperparameters (`is_hyperparameter`), so that its weights and moments can go on under it."""
+    hyperparameters (`is_hyperparameter`) and the horizon (`HORIZON_FIELDS`), so that its
+    weights and moments can go on under it."""
     saved, current = trajectory_fields(state["config"]), trajectory_fields(config)
+
+    def fixed(key: str) -> bool:
+        return not is_hyperparameter(key) and key not in HORIZON_FIELDS
+
     field = first_difference(
-        {key: value for key, value in saved.items() if not is_hyperparameter(key)},
-        {key: value for key, value in current.items() if not is_hyperparameter(key)},
+        {key: value for key, value in saved.items() if fixed(key)},
+        {key: value for key, value in current.items() if fixed(key)},
     )
     if field is None:
         return
@@ -297,5 +305,5 @@ def check_continuation(state: dict[str, Any], config: TrainConfig, path: Path) -
         f"start_from: checkpoint '{path}' cannot continue under this config: field {field} "
         f"differs (checkpoint: {saved.get(field)!r}, now: {current.get(field)!r}); only "
         f"hyperparameters ({', '.join(HYPERPARAMETER_FIELDS)}; not {', '.join(STATE_FIELDS)}) "
-        "may change"
+        f"and the horizon ({', '.join(HORIZON_FIELDS)}) may change"
     )

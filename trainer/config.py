@@ -60,6 +60,7 @@ SELF_NAMING = ("model.", "data.", "optimizer.", "schedule.", "parametrization.",
 OPERATIONAL_FIELDS = (
     "log_every",
     "checkpoint_every",
+    "checkpoint_at",
     "keep_checkpoints",
     "diagnostics",
     "tracking",
@@ -193,6 +194,11 @@ class TrainConfig(BaseModel):
         description="Validation batches per evaluation (a fixed set); None: the whole split.",
     )
     log_every: int = Field(default=10, ge=1, description="Steps between metric records.")
+    checkpoint_at: list[Annotated[int, Field(ge=1)]] = Field(
+        default_factory=list,
+        description="Steps after which a checkpoint is also written (branch points: a WSD "
+        "cool-down continues from one); keep_checkpoints counts them too.",
+    )
     keep_checkpoints: int = Field(
         default=3, ge=1, description="Newest checkpoints kept; older ones are deleted."
     )

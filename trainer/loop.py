@@ -260,8 +260,10 @@ def _loop(
 
         # 4. read the device's tallies (the one host sync), record, evaluate, call back,
         # checkpoint
-        checkpointing = done == config.steps or (
-            config.checkpoint_every > 0 and done % config.checkpoint_every == 0
+        checkpointing = (
+            done == config.steps
+            or (config.checkpoint_every > 0 and done % config.checkpoint_every == 0)
+            or done in config.checkpoint_at
         )
         if not (logging or evaluating or checkpointing):
             continue

@@ -264,3 +264,10 @@ def test_a_function_only_this_process_has_cannot_go_to_other_processes(tmp_path:
 def test_an_importable_function_is_named_by_its_module() -> None:
     assert callable_name(math.sqrt) == "math:sqrt"
     assert import_callable("math:sqrt") is math.sqrt
+
+
+def test_a_stage_start_from_is_refused_for_a_callable(tmp_path: Path) -> None:
+    stage = {"name": "only", "sampler": "random", "trials": 1, "budget": {"epochs": 1}}
+    path = study_file(tmp_path, stages=[{**stage, "start_from": "ckpt/step_0000004.pt"}])
+    with pytest.raises(StudyError, match=r"^stages\.only\.start_from: a trainer checkpoint"):
+        load_study(path)

@@ -123,3 +123,29 @@ def test_only_hyperparameters_may_change(
             out_dir=tmp_path / "new",
             start_from=checkpoint_path(tmp_path / "donor", 3),
         )
+
+
+def test_a_cool_down_branches_off_a_stable_run_at_another_horizon(tmp_path: Path) -> None:
+    # warmup-stable-decay: a 12-step run checkpointed at step 4 (checkpoint_at) in its stable
+    # phase; a 6-step run continues from there and decays over its own last 2 steps
+    wsd = {"name": "wsd", "warmup_steps": 1, "decay_fraction": 0.25, "decay_shape": "linear"}
+    stable = digits(steps=12, checkpoint_every=0, checkpoint_at=[4], schedule=wsd, eval_every=4)
+    train(stable, out_dir=tmp_path / "stable")
+    names = sorted(p.name for p in (tmp_path / "stable" / "checkpoints").iterdir())
+    assert names == ["step_0000004.pt", "step_0000012.pt"]
+    short = {**wsd, "decay_fraction": 2 / 6}
+    branch = digits(steps=6, schedule=short, eval_every=2)
+    result = train(
+        branch, out_dir=tmp_path / "branch", start_from=checkpoint_path(tmp_path / "stable", 4)
+    )
+    assert result.steps == 6
+    lrs = [(r["step"], r["lr"]) for r in records(tmp_path / "branch") if "lr" in r]
+    peak = branch.optimizer.lr
+    assert [step for step, _ in lrs] == [5, 6]
+    # updates 4 and 5 (0-based) are the branch's own decay, not the stable run's plateau
+    for step, lr in lrs:
+        assert lr == pytest.approx(peak * lr_multiplier(branch.schedule, step - 1, 6))
+    assert lrs[-1][1] < lrs[0][1] <= peak
+    # its history up to the branch is the stable run's
+    stable_curve = json.loads((tmp_path / "stable" / "result.json").read_text())["val_curve"]
+    assert result.val_curve[:2] == [tuple(p) for p in stable_curve[:2]]

@@ -1,0 +1,144 @@
+"""`scaleplan ladder LADDER.yaml`: train the ladder (studies.ladder), write its runs table."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+from studies.commands import output
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("ladder", type=Path, help="the ladder file (studies/configs/ladder.yaml)")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a ladder field (budgets=[1e11,3e11], designs=[isoflop], "
+        "overrides.optimizer.lr=3e-3); repeatable",
+    )
+    parser.add_argument(
+        "--out", type=Path, default=None, help="the ladder's folder (default runs/<name>)"
+    )
+    parser.add_argument(
+        "--tracking-uri", default=None, help="MLflow tracking URI; 'none' turns MLflow off"
+    )
+    parser.add_argument(
+        "--dry-run", action="store_true", help="print the runs and their FLOPs; train nothing"
+    )
+    parser.add_argument("--json", action="store_true", help="print JSON instead of tables")
+
+
+def run(args: argparse.Namespace) -> int:
+    from studies.commands.sweep import run_study_reports
+    from studies.ladder import load_ladder, plan_dict, plan_ladder, runs_table, study_file
+    from studies.sweep import prepare_study
+    from studies.transfer import write_json, write_study_file
+    from trainer.config import read_yaml_mapping
+    from trainer.tracking import write_text_atomic
+
+    spec, base = load_ladder(args.ladder, args.overrides)
+    out: Path = (args.out or Path("runs") / spec.name).absolute()
+    plan = plan_ladder(spec, read_yaml_mapping(base, "base"))
+    summary = plan_dict(plan)
+    if args.dry_run:
+        _print_plan(plan, summary, as_json=args.json)
+        return 0
+    # every check above writes nothing; from here the ladder's folder
+    out.mkdir(parents=True, exist_ok=True)
+    raw = study_file(plan, base, out)
+    by = f"scaleplan ladder {args.ladder}"
+    study_path = write_study_file(raw, out / "ladder-study.yaml", by=by)
+    study = prepare_study(study_path, tracking_uri=args.tracking_uri)
+    _, reports = run_study_reports(study, runs_dir=out, study_file=study_path, quiet=args.json)
+    rows, curves = runs_table(plan, reports)
+    for name, table in (("runs.csv", rows), ("curves.csv", curves)):
+        if table:
+            write_text_atomic(out / name, _csv(table))
+    payload = {**summary, "runs_table": str(out / "runs.csv"), "finished": len(rows)}
+    write_json(payload, out / "ladder.json")
+    if args.json:
+        output.print_json({**payload, "rows": rows})
+        return 0
+    _print_plan(plan, summary, as_json=False)
+    _print_rows(rows)
+    print(f"runs table: {out / 'runs.csv'} (scaleplan fit {out / 'runs.csv'})")
+    print(f"curves: {out / 'curves.csv'}; study: {study_path}")
+    return 0
+
+
+def _csv(rows: list[dict[str, Any]]) -> str:
+    import csv
+    import io
+
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=list(rows[0]))
+    writer.writeheader()
+    writer.writerows(rows)
+    return buffer.getvalue()
+
+
+def _print_plan(plan: Any, summary: dict[str, Any], *, as_json: bool) -> None:
+    if as_json:
+        output.print_json(summary)
+        return
+    output.print_table(
+        f"Ladder {plan.spec.name}: {len(plan.rungs)} sizes x {len(plan.spec.budgets)} budgets, "
+        f"{len(plan.runs)} runs ({', '.join(plan.spec.designs)})",
+        ["size", "shape", "params (non-emb.)", *(f"{c:.3g} FLOPs" for c in plan.spec.budgets)],
+        [
+            [
+                str(rung.index),
+                f"{rung.n_layer} x {rung.d_model}, {rung.n_head} heads",
+                f"{rung.n_params:,}",
+                *(_steps_cell(plan, rung.index, b) for b in range(len(plan.spec.budgets))),
+            ]
+            for rung in plan.rungs
+        ],
+        caption=_caption(plan, summary),
+    )
+
+
+def _steps_cell(plan: Any, size: int, budget: int) -> str:
+    runs = [r for r in plan.runs if r.size == size and r.budget == budget]
+    if not runs:
+        return "-"
+    return ", ".join(f"{r.design} {r.steps} steps" for r in runs)
+
+
+def _caption(plan: Any, summary: dict[str, Any]) -> str:
+    lines = [f"{plan.tokens_per_step:,} tokens per step; D = C / (6 N)."]
+    saved = summary.get("savings")
+    if saved:
+        lines.append(
+            f"wsd trains its {saved['points']} points in {saved['wsd_flops']:.3g} FLOPs, the "
+            f"IsoFLOP grid in {saved['isoflop_flops']:.3g}: {saved['saved_fraction']:.0%} saved "
+            "(Hägele et al. 2024)."
+        )
+    if plan.left_out:
+        lines.append("left out: " + "; ".join(plan.left_out))
+    return "\n".join(lines)
+
+
+def _print_rows(rows: list[dict[str, Any]]) -> None:
+    if not rows:
+        return
+    output.print_table(
+        "Finished runs",
+        ["run", "design", "params", "budget", "tokens", "val loss", "time"],
+        [
+            [
+                row["run"],
+                row["design"],
+                output.count(row["params"]),
+                f"{row['budget']:.3g}",
+                output.count(row["tokens"]),
+                output.fixed(row["loss"], 4),
+                output.duration(row["seconds"]),
+            ]
+            for row in rows
+        ],
+    )

@@ -1,0 +1,414 @@
+"""A scaling ladder: GPTs of several sizes trained at several compute budgets, on the user's own
+data and architecture, into a runs table that `scaleplan fit` reads.
+
+Sizes are non-embedding parameter counts N; each becomes a GPT shape (`planner.shape`) at the
+base config's sequence length, and the trainer's own count of the shape is the N the table
+records. A budget C buys D = C / (6 N) tokens (Kaplan et al. 2020's C ~ 6ND), rounded to whole
+steps of the base config's batch. Two designs:
+
+- ``isoflop`` (Hoffmann et al. 2022, Approach 2): every size at every budget, a run each, its
+  cosine schedule as long as the run. A budget needs at least 3 sizes that fit it (``min_steps``
+  steps or more) for its parabola.
+- ``wsd`` (Hägele et al. 2024, "Scaling Laws and Compute-Optimal Training Beyond Fixed Training
+  Durations", arXiv:2405.18392): per size one warmup-stable-decay run as long as the largest
+  budget, whose stable phase is checkpointed where each smaller budget's cool-down must start;
+  each of those budgets is a short run continuing from that checkpoint with the cool-down
+  (``decay_fraction`` of its steps, ``decay_shape``). The stable phase is shared, so the points
+  of all budgets cost little more than the largest one's run: the ladder reports the FLOPs
+  saved against the IsoFLOP grid for the same points.
+
+Every run is a trial of a study the ladder writes (``<out>/ladder.yaml``): one stage per run,
+so the studies engine runs them in order, resumes the ladder after a kill (finished runs stay),
+and puts every run in MLflow under one parent run. ``runs.csv`` (a row per finished run:
+design, size, budget, ``params``, ``tokens``, ``flops``, ``loss``) and ``curves.csv`` (its
+validation curve: step, tokens, loss) are what `scaleplan fit` and the approaches read.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from studies.errors import StudyError, first_error
+
+FLOPS_PER_PARAM_TOKEN = 6.0
+Design = Literal["isoflop", "wsd"]
+MIN_SIZES_PER_BUDGET = 3  # a parabola needs three points
+
+
+class LadderSpec(BaseModel):
+    """A ladder file (``studies/configs/ladder.yaml``)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(default="ladder", pattern=r"^[A-Za-z0-9._-]+$", description="Study name.")
+    base: str = Field(description="The trainer config (relative to the ladder file).")
+    sizes: list[float] = Field(
+        min_length=2, description="Non-embedding parameter counts, one GPT shape each."
+    )
+    budgets: list[float] = Field(min_length=2, description="Compute budgets, 6ND FLOPs.")
+    designs: list[Design] = Field(
+        default=["isoflop", "wsd"], min_length=1, description="Which designs."
+    )
+    decay_fraction: float = Field(
+        default=0.2, gt=0, lt=1, description="wsd: the cool-down's share of a budget's steps."
+    )
+    decay_shape: Literal["linear", "cosine", "1-sqrt"] = Field(
+        default="1-sqrt", description="wsd: the cool-down's shape (Hägele et al.: 1-sqrt)."
+    )
+    min_steps: int = Field(default=20, ge=2, description="A run needs at least this many steps.")
+    max_tokens_per_param: float = Field(
+        default=250.0,
+        gt=0,
+        description="Points whose D / N is above this are left out: far past the optimum "
+        "(about 20 tokens per parameter), they cost the most and inform the parabola least.",
+    )
+    evals: int = Field(default=8, ge=1, description="Validation passes along each run.")
+    overrides: dict[str, Any] = Field(
+        default_factory=dict, description="Dotted trainer keys applied to every run."
+    )
+
+    @field_validator("sizes", "budgets")
+    @classmethod
+    def _positive_ascending(cls, values: list[float]) -> list[float]:
+        if any(not math.isfinite(v) or v <= 0 for v in values):
+            raise ValueError("expected positive numbers")
+        if sorted(set(values)) != list(values):
+            raise ValueError("expected distinct numbers in ascending order")
+        return values
+
+
+@dataclass(frozen=True)
+class Rung:
+    """One size: its GPT shape and the trainer's count of its non-embedding parameters."""
+
+    index: int
+    target: float
+    n_layer: int
+    d_model: int
+    n_head: int
+    n_params: int
+
+
+@dataclass(frozen=True)
+class Run:
+    """One run of the ladder: a stage of its study."""
+
+    design: Design
+    role: str  # isoflop, stable (wsd: the long run), cooldown (wsd: a branch)
+    size: int
+    budget: int  # index into the ladder's budgets
+    budget_flops: float
+    steps: int
+    stage: str
+    start_step: int = 0  # cooldown: where it branches off the stable run
+    decay_steps: int = 0  # wsd: the cool-down's length
+
+    @property
+    def trained_steps(self) -> int:
+        """Steps this run itself trains (a cool-down starts at its branch point)."""
+        return self.steps - self.start_step
+
+
+@dataclass(frozen=True)
+class Plan:
+    spec: LadderSpec
+    rungs: list[Rung]
+    runs: list[Run]
+    tokens_per_step: int
+    left_out: list[str]  # (size, budget) points no run can hold, and why
+
+    def flops(self, run: Run) -> float:
+        return FLOPS_PER_PARAM_TOKEN * self.rungs[run.size].n_params * self.tokens(run)
+
+    def tokens(self, run: Run) -> int:
+        return run.trained_steps * self.tokens_per_step
+
+    def cost(self, design: Design) -> float:
+        """6ND FLOPs the design trains, over all its runs."""
+        return sum(self.flops(run) for run in self.runs if run.design == design)
+
+    def points(self, design: Design) -> set[tuple[int, int]]:
+        """(size, budget) of each run's final model (a stable run's is the largest budget)."""
+        return {(r.size, r.budget) for r in self.runs if r.design == design}
+
+
+def load_ladder(path: Path, overrides: Sequence[str] = ()) -> tuple[LadderSpec, Path]:
+    """The ladder file with ``--set`` items applied, and its base config's absolute path."""
+    from studies.config import read_yaml
+    from studies.study_file import apply_set
+
+    raw = read_yaml(path, "ladder")
+    for item in overrides:
+        apply_set(raw, item)
+    try:
+        spec = LadderSpec.model_validate(raw)
+    except ValidationError as error:
+        raise first_error(error, "ladder", f" (in {path})") from None
+    base = Path(spec.base)
+    base = base if base.is_absolute() else (path.parent / base).absolute()
+    if not base.is_file():
+        raise StudyError(f"base: '{spec.base}' is not a file (relative to {path})")
+    return spec, base
+
+
+def plan_ladder(spec: LadderSpec, base_raw: Mapping[str, Any]) -> Plan:
+    """The shapes and the runs, or one line saying what cannot be run (nothing is trained)."""
+    from planner.errors import InputError
+    from planner.shape import shape_for
+    from studies.trainer_config import tokens_per_step
+    from trainer.config import apply_overrides, parse_config
+
+    config = parse_config(apply_overrides(dict(base_raw), _set_items(spec.overrides)))
+    if config.model.kind != "gpt":
+        raise StudyError(f"base: model.kind {config.model.kind!r}; a ladder trains GPTs")
+    per_step = tokens_per_step(config)
+    rungs = []
+    for index, target in enumerate(spec.sizes):
+        try:
+            shape = shape_for(target, seq_len=config.data.block_size)
+        except InputError as error:
+            raise StudyError(f"sizes[{index}]: {error}") from None
+        rungs.append(Rung(index, target, shape.n_layer, shape.d_model, shape.n_head, 0))
+    rungs = [_counted(rung, config) for rung in rungs]
+    if len({r.n_params for r in rungs}) < len(rungs):
+        raise StudyError(
+            f"sizes: {spec.sizes} give the same GPT shape twice; space them further apart"
+        )
+    runs: list[Run] = []
+    left_out: list[str] = []
+    steps = {
+        (r.index, b): round(c / (FLOPS_PER_PARAM_TOKEN * r.n_params * per_step))
+        for r in rungs
+        for b, c in enumerate(spec.budgets)
+    }
+    why: dict[tuple[int, int], str] = {}
+    for r in rungs:
+        for b in range(len(spec.budgets)):
+            count, ratio = steps[(r.index, b)], steps[(r.index, b)] * per_step / r.n_params
+            if count < spec.min_steps:
+                why[(r.index, b)] = f"{count} steps (min_steps {spec.min_steps})"
+            elif ratio > spec.max_tokens_per_param:
+                why[(r.index, b)] = (
+                    f"{ratio:.0f} tokens per parameter (max_tokens_per_param "
+                    f"{spec.max_tokens_per_param:g})"
+                )
+    fits = {key: key not in why for key in steps}
+    for b, budget in enumerate(spec.budgets):
+        sizes = [r.index for r in rungs if fits[(r.index, b)]]
+        for r in rungs:
+            if not fits[(r.index, b)]:
+                left_out.append(f"size {r.n_params:,} at {budget:.3g} FLOPs: {why[(r.index, b)]}")
+        if "isoflop" in spec.designs and len(sizes) < MIN_SIZES_PER_BUDGET:
+            raise StudyError(
+                f"budgets[{b}]: {budget:.3g} FLOPs holds {len(sizes)} of the sizes (at least "
+                f"min_steps {spec.min_steps} steps, at most max_tokens_per_param "
+                f"{spec.max_tokens_per_param:g}; a parabola needs {MIN_SIZES_PER_BUDGET}); "
+                "choose sizes around this budget's optimum"
+            )
+        if "isoflop" in spec.designs:
+            runs += [
+                Run("isoflop", "isoflop", s, b, budget, steps[(s, b)], f"iso-n{s}-c{b}")
+                for s in sizes
+            ]
+    if "wsd" in spec.designs:
+        runs += _wsd_runs(spec, rungs, steps, fits)
+    return Plan(spec, rungs, runs, per_step, left_out)
+
+
+def _wsd_runs(
+    spec: LadderSpec,
+    rungs: list[Rung],
+    steps: Mapping[tuple[int, int], int],
+    fits: Mapping[tuple[int, int], bool],
+) -> list[Run]:
+    """Per size: the stable run to the largest budget it fits, and a cool-down per smaller
+    budget, branching at (1 - decay_fraction) of that budget's steps."""
+    runs: list[Run] = []
+    for r in rungs:
+        budgets = [b for b in range(len(spec.budgets)) if fits[(r.index, b)]]
+        if len(budgets) < 2:
+            continue  # one budget: nothing to share
+        *smaller, largest = budgets
+        total = steps[(r.index, largest)]
+        decay = max(1, round(spec.decay_fraction * total))
+        runs.append(
+            Run("wsd", "stable", r.index, largest, spec.budgets[largest], total,
+                f"wsd-n{r.index}", 0, decay)
+        )  # fmt: skip
+        for b in smaller:
+            length = steps[(r.index, b)]
+            cool = max(1, round(spec.decay_fraction * length))
+            runs.append(
+                Run("wsd", "cooldown", r.index, b, spec.budgets[b], length,
+                    f"wsd-n{r.index}-c{b}", length - cool, cool)
+            )  # fmt: skip
+    return runs
+
+
+def _counted(rung: Rung, config: Any) -> Rung:
+    """The rung with the trainer's own non-embedding parameter count of its shape."""
+    import torch
+
+    from trainer.models import build_model
+
+    model_config = config.model.model_copy(
+        update={"n_layer": rung.n_layer, "d_model": rung.d_model, "n_head": rung.n_head}
+    )
+    with torch.device("meta"):
+        model = build_model(model_config, vocab_size=256)
+    count = int(model.num_params(include_embeddings=False))
+    return Rung(rung.index, rung.target, rung.n_layer, rung.d_model, rung.n_head, count)
+
+
+def _set_items(overrides: Mapping[str, Any]) -> list[str]:
+    import json
+
+    return [f"{key}={json.dumps(value)}" for key, value in overrides.items()]
+
+
+def study_file(plan: Plan, base: Path, runs_dir: Path) -> dict[str, Any]:
+    """The study (a study file's mapping) that runs the ladder: a stage per run, in order, the
+    stable wsd runs before their cool-downs."""
+    from studies.objective import trial_path
+
+    spec = plan.spec
+    stages = []
+    stable_dirs = {}
+    for run in sorted(plan.runs, key=lambda r: r.role == "cooldown"):
+        rung = plan.rungs[run.size]
+        every = max(1, run.trained_steps // spec.evals)
+        overrides: dict[str, Any] = {
+            "model.n_layer": rung.n_layer,
+            "model.d_model": rung.d_model,
+            "model.n_head": rung.n_head,
+            "eval_every": every,
+            "log_every": every,
+            "checkpoint_every": 0,
+        }
+        stage: dict[str, Any] = {
+            "name": run.stage,
+            "sampler": "random",
+            "trials": 1,
+            "pruner": "none",
+            "budget": {"steps": run.steps},
+            "overrides": overrides,
+        }
+        if run.design == "wsd":
+            overrides.update(
+                {
+                    "schedule.name": "wsd",
+                    "schedule.decay_fraction": run.decay_steps / run.steps,
+                    "schedule.decay_shape": spec.decay_shape,
+                }
+            )
+        if run.role == "stable":
+            branches = sorted(
+                c.start_step for c in plan.runs if c.role == "cooldown" and c.size == run.size
+            )
+            overrides["checkpoint_at"] = branches
+            overrides["keep_checkpoints"] = len(branches) + 1
+            stable_dirs[run.size] = trial_path(spec.name, f"{run.stage}-0", runs_dir)
+        if run.role == "cooldown":
+            folder = stable_dirs[run.size] / "checkpoints"
+            stage["start_from"] = str(folder / f"step_{run.start_step:07d}.pt")
+        stages.append(stage)
+    return {
+        "name": spec.name,
+        "base": str(base),
+        "space": {"seed": {"choices": [0]}},  # nothing to search: one run per stage
+        "stages": stages,
+        "objective": {"metric": "val_loss"},
+        "overrides": {
+            **spec.overrides,
+            "early_stopping.patience": None,
+            "diagnostics.per_layer": False,
+            "diagnostics.activations": False,
+        },
+    }
+
+
+def runs_table(plan: Plan, reports: Sequence[Any]) -> tuple[list[dict[str, Any]], list[dict]]:
+    """(a row per finished run, its validation curve's points) from the study's reports."""
+    import json
+
+    by_stage = {run.stage: run for run in plan.runs}
+    rows: list[dict[str, Any]] = []
+    curves: list[dict[str, Any]] = []
+    for report in reports:
+        run = by_stage.get(report.name)
+        if run is None:
+            continue
+        for trial in report.trials:
+            if trial["state"] != "complete" or not trial.get("out_dir"):
+                continue
+            folder = Path(trial["out_dir"])
+            result = json.loads((folder / "result.json").read_text())
+            rung = plan.rungs[run.size]
+            tokens = run.steps * plan.tokens_per_step  # a cool-down's tokens include the stable
+            rows.append(
+                {
+                    "run": run.stage,
+                    "design": run.design,
+                    "role": run.role,
+                    "size": run.size,
+                    "n_layer": rung.n_layer,
+                    "d_model": rung.d_model,
+                    "params": rung.n_params,
+                    "budget": run.budget_flops,
+                    "tokens": tokens,
+                    "flops": FLOPS_PER_PARAM_TOKEN * rung.n_params * tokens,
+                    "loss": result["final_val_loss"],
+                    "steps": result["steps"],
+                    "trained_flops": plan.flops(run),
+                    "seconds": trial.get("seconds"),
+                    "run_id": trial.get("run_id"),
+                }
+            )
+            for step, loss in result["val_curve"]:
+                curves.append(
+                    {
+                        "run": run.stage,
+                        "design": run.design,
+                        "params": rung.n_params,
+                        "step": step,
+                        "tokens": step * plan.tokens_per_step,
+                        "loss": loss,
+                    }
+                )
+    return rows, curves
+
+
+def savings(plan: Plan) -> dict[str, Any] | None:
+    """The wsd design's FLOPs against the IsoFLOP grid's for the points it measures (each of
+    its runs ends in one; the IsoFLOP grid has every point that fits)."""
+    if not {"isoflop", "wsd"} <= set(plan.spec.designs):
+        return None
+    common = plan.points("wsd") & plan.points("isoflop")
+    iso = sum(
+        plan.flops(r) for r in plan.runs if r.design == "isoflop" and (r.size, r.budget) in common
+    )
+    wsd = plan.cost("wsd")
+    return {
+        "points": len(common),
+        "isoflop_flops": iso,
+        "wsd_flops": wsd,
+        "saved_fraction": 1.0 - wsd / iso if iso > 0 else None,
+    }
+
+
+def plan_dict(plan: Plan) -> dict[str, Any]:
+    return {
+        "rungs": [asdict(r) for r in plan.rungs],
+        "runs": [
+            {**asdict(r), "tokens": plan.tokens(r), "flops": plan.flops(r)} for r in plan.runs
+        ],
+        "tokens_per_step": plan.tokens_per_step,
+        "left_out": plan.left_out,
+        "savings": savings(plan),
+    }
