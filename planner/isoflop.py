@@ -8,6 +8,7 @@ log D for D_opt. Intervals come from resampling runs within each budget.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -50,27 +51,38 @@ class IsoflopResult:
 
     def to_law(self, name: str, source: str) -> Law:
         """An allocation-only law that ``scaleplan plan --law FILE`` reads."""
-        return Law(
-            name=name,
-            form="allocation",
-            citation=f"Approach 2 (Hoffmann et al. 2022, sec. 3.2) fitted by scaleplan to {source}",
-            allocation=Allocation(
-                n_coefficient=self.n_coefficient,
-                n_exponent=self.n_exponent,
-                n_exponent_interval=self.n_exponent_interval,
-                d_exponent=self.d_exponent,
-                d_exponent_interval=self.d_exponent_interval,
-            ),
-            interval_level=self.interval_level,
-            fit={
+        return allocation_law(
+            self,
+            name,
+            f"Approach 2 (Hoffmann et al. 2022, sec. 3.2) fitted by scaleplan to {source}",
+            {
                 "approach": "isoflop",
                 "n_budgets": len(self.budgets),
                 "n_budgets_used": len(self.used),
                 "flagged": {f"{b.budget_flops:.3g}": b.flagged for b in self.budgets if b.flagged},
                 "warnings": self.warnings,
             },
-            notes="Allocation only: predicts N and D, not the loss.",
         )
+
+
+def allocation_law(result: Any, name: str, citation: str, fit: dict[str, Any]) -> Law:
+    """The allocation-only law of an Approach 1 or 2 result (its exponents, coefficient and
+    intervals): N and D for a budget, not the loss."""
+    return Law(
+        name=name,
+        form="allocation",
+        citation=citation,
+        allocation=Allocation(
+            n_coefficient=result.n_coefficient,
+            n_exponent=result.n_exponent,
+            n_exponent_interval=result.n_exponent_interval,
+            d_exponent=result.d_exponent,
+            d_exponent_interval=result.d_exponent_interval,
+        ),
+        interval_level=result.interval_level,
+        fit=fit,
+        notes="Allocation only: predicts N and D, not the loss.",
+    )
 
 
 def group_budgets(

@@ -15,9 +15,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", help="law file to write (JSON), read by `plan --law FILE`")
     parser.add_argument(
         "--approach",
-        choices=("parametric", "isoflop"),
+        choices=("parametric", "isoflop", "envelope"),
         default="parametric",
-        help="parametric: Approach 3 (default); isoflop: Approach 2",
+        help="parametric: Approach 3 (default); isoflop: Approach 2; envelope: Approach 1, "
+        "on a curves table (one row per point of each run's curve, e.g. a ladder's curves.csv)",
     )
     parser.add_argument(
         "--form",
@@ -62,6 +63,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     columns.add_argument("--loss-col", default="loss", help="final loss (default loss)")
     columns.add_argument(
+        "--run-col", default="run", help="envelope: the run each curve point belongs to (run)"
+    )
+    columns.add_argument(
         "--budget-col",
         default="budget",
         help="IsoFLOP budget of each run, if the table has one (default budget)",
@@ -91,6 +95,8 @@ def run(args: argparse.Namespace) -> int:
         raise InputError(f"--level: {args.level} must be between 0 and 1 (e.g. 0.95)")
     if args.delta <= 0:
         raise InputError(f"--delta: {args.delta} must be positive")
+    if args.approach == "envelope":
+        return _envelope(args)
     runs = load_runs(
         args.runs,
         params_col=args.params_col,
@@ -234,20 +240,65 @@ def _parametric_plots(runs: Any, law: Any, folder: Path) -> list[str]:
     return [str(p) for p in paths]
 
 
-def _isoflop(runs: Any, name: str, args: argparse.Namespace) -> int:
-    from planner.isoflop import fit_isoflop
-
-    result = fit_isoflop(runs, bootstrap=args.bootstrap, interval_level=args.level, seed=args.seed)
-    law = result.to_law(name, runs.source)
-    summary: dict[str, Any] = {
-        "approach": "isoflop",
+def _allocation_summary(approach: str, result: Any) -> dict[str, Any]:
+    """What Approaches 1 and 2 both report: the exponents, coefficients and intervals."""
+    return {
+        "approach": approach,
         "n_exponent": result.n_exponent,
         "n_exponent_interval": list(result.n_exponent_interval),
         "n_coefficient": result.n_coefficient,
         "d_exponent": result.d_exponent,
         "d_exponent_interval": list(result.d_exponent_interval),
         "d_coefficient": result.d_coefficient,
-        "interval_level": args.level,
+        "interval_level": result.interval_level,
+    }
+
+
+def _envelope(args: argparse.Namespace) -> int:
+    from planner.envelope import fit_envelope, load_curves
+
+    curves = load_curves(
+        args.runs,
+        run_col=args.run_col,
+        params_col=args.params_col,
+        tokens_col=args.tokens_col,
+        loss_col=args.loss_col,
+        where=dict(args.where),
+    )
+    result = fit_envelope(
+        curves, bootstrap=args.bootstrap, interval_level=args.level, seed=args.seed
+    )
+    name = args.name or (Path(args.out).stem if args.out else Path(args.runs).stem)
+    law = result.to_law(name, curves.source)
+    summary: dict[str, Any] = {
+        **_allocation_summary("envelope", result),
+        "n_curves": len(curves.runs),
+        "envelope": [
+            {"flops": float(c), "n_opt": float(n), "loss": float(loss), "run": run}
+            for c, n, loss, run in zip(
+                result.grid_flops, result.n_opt, result.loss, result.winners, strict=True
+            )
+        ],
+        "warnings": result.warnings,
+    }
+    if not args.json:
+        print(
+            f"Approach 1 (lower envelope) over {len(curves.runs)} curves of {curves.source}: "
+            f"N_opt ∝ C^{result.n_exponent:.3f} [{_interval(result.n_exponent_interval)}], "
+            f"D_opt ∝ C^{result.d_exponent:.3f} [{_interval(result.d_exponent_interval)}] "
+            f"({args.level:.0%} bootstrap intervals over runs)"
+        )
+    _finish(law, summary, args)
+    return 0
+
+
+def _isoflop(runs: Any, name: str, args: argparse.Namespace) -> int:
+    from planner.isoflop import fit_isoflop
+
+    result = fit_isoflop(runs, bootstrap=args.bootstrap, interval_level=args.level, seed=args.seed)
+    law = result.to_law(name, runs.source)
+    summary: dict[str, Any] = {
+        **_allocation_summary("isoflop", result),
         "n_points": len(runs),
         "budgets": [
             {
