@@ -11,7 +11,7 @@ from scipy.optimize import brentq, minimize_scalar
 
 from planner.batch import MeasuredBatch, kaplan_critical_batch, scale_critical_batch
 from planner.errors import InputError
-from planner.hparams import optimal_batch_tokens, optimal_learning_rate
+from planner.hparams import DEEPSEEK2024, HparamLaw
 from planner.laws import FLOPS_PER_PARAM_TOKEN, Form
 from planner.published import Law
 
@@ -51,15 +51,16 @@ def compute_optimal(
     *,
     level: float = 0.8,
     measured_batch: MeasuredBatch | None = None,
+    hparams: HparamLaw = DEEPSEEK2024,
 ) -> list[dict[str, Any]]:
     """Compute-optimal N, D, tokens per parameter and loss for each budget C = 6ND.
 
     With bootstrap samples on the law, each quantity also gets ``_low``/``_high`` bounds: the
-    central ``level`` interval over the samples. Rows also carry the DeepSeek LLM power laws for
-    the learning rate and batch size at that compute (``batch_tokens``), Kaplan's critical batch
-    at the predicted loss (``kaplan_b_crit_tokens``) and, given `measured_batch` (a
-    ``scaleplan batch-size`` result), that B_crit carried to the predicted loss with Kaplan's
-    exponent (``measured_b_crit_tokens``), which becomes the recommended ``batch_tokens``.
+    central ``level`` interval over the samples. Rows also carry the learning rate and batch
+    size of the `hparams` law at that compute (DeepSeek LLM's by default; ``batch_tokens``),
+    Kaplan's critical batch at the predicted loss (``kaplan_b_crit_tokens``) and, given
+    `measured_batch` (a ``scaleplan batch-size`` result), that B_crit carried to the predicted
+    loss with Kaplan's exponent (``measured_b_crit_tokens``), which bounds ``batch_tokens``.
     """
     compute = positive_values(compute_flops, "--compute", "training FLOPs such as 1e21")
     best = _optimum(law, law.params, compute)
@@ -74,8 +75,8 @@ def compute_optimal(
                 np.percentile(values, tail, axis=0),
                 np.percentile(values, 100 - tail, axis=0),
             )
-    learning_rate = optimal_learning_rate(compute)
-    batch_tokens = optimal_batch_tokens(compute)
+    learning_rate = hparams.learning_rate(compute)
+    batch_tokens = hparams.batch_tokens(compute)
     rows: list[dict[str, Any]] = []
     for i, c in enumerate(compute):
         row: dict[str, Any] = {"law": law.name, "compute_flops": float(c)}
@@ -86,14 +87,16 @@ def compute_optimal(
                 row[f"{key}_high"] = _number(bands[key][1][i])
         row["learning_rate"] = float(learning_rate[i])
         row["batch_tokens"] = float(batch_tokens[i])
-        row["batch_from"] = "deepseek"
+        row["hparams"] = hparams.name
+        row["batch_from"] = "deepseek" if hparams is DEEPSEEK2024 else hparams.name
         loss = row["loss"]
         row["kaplan_b_crit_tokens"] = None if loss is None else float(kaplan_critical_batch(loss))
         if measured_batch is not None and loss is not None:
             carried = scale_critical_batch(measured_batch.b_crit_tokens, measured_batch.loss, loss)
             row["measured_b_crit_tokens"] = float(carried)
-            row["batch_tokens"] = float(carried)
-            row["batch_from"] = "measured"
+            if carried < row["batch_tokens"]:  # past B_crit a larger batch buys nothing
+                row["batch_tokens"] = float(carried)
+                row["batch_from"] = "measured"
         rows.append(row)
     return rows
 

@@ -24,7 +24,7 @@ from planner.errors import InputError
 from planner.isoflop import allocation_law
 from planner.laws import FLOPS_PER_PARAM_TOKEN
 from planner.published import Law
-from planner.runs import read_table
+from planner.runs import read_table, select_rows
 
 
 @dataclass(frozen=True)
@@ -49,11 +49,7 @@ def load_curves(
 ) -> Curves:
     """Read a curves table; InputError naming the file and column when one is missing."""
     source = str(path)
-    frame = read_table(path)
-    for column, value in (where or {}).items():
-        if column not in frame.columns:
-            raise InputError(f"--where: {source} has no column '{column}'")
-        frame = frame[frame[column].astype(str) == value]
+    frame = select_rows(read_table(path), where, source)
     for column, option in (
         (run_col, "--run-col"),
         (params_col, "--params-col"),

@@ -4,8 +4,9 @@ schedule and a trainer config, with the GPU time and the memory and parallelism 
 - N and D, the loss and its interval: `planner.allocate.compute_optimal` (the law's).
 - The shape: `planner.shape.shape_for` (non-embedding N; a law counting all parameters has the
   embedding of the shape it gets taken out first).
-- Peak LR and batch: DeepSeek LLM's power laws in C (or a measured B_crit carried to the
-  predicted loss), as `compute_optimal` gives them; the batch in whole sequences.
+- Peak LR and batch: a hyperparameter law in C (DeepSeek LLM's, or one fitted to your tuned
+  runs), bounded by a measured B_crit carried to the predicted loss when given, as
+  `compute_optimal` gives them; the batch in whole sequences.
 - Schedule: warm-up over 2% of the steps, at most DeepSeek LLM's 2000, then cosine decay to 10%
   of the peak over the whole run (Hoffmann et al. 2022, sec. 3 and Fig. A1: a cosine cycle as
   long as the run, decaying 10x; a longer cycle costs loss).
@@ -22,6 +23,7 @@ from planner.allocate import compute_optimal
 from planner.batch import MeasuredBatch
 from planner.errors import InputError
 from planner.hardware import peak_flops
+from planner.hparams import DEEPSEEK2024, HparamLaw
 from planner.memory import AUTOCAST, StateBytes, Transformer, plan_splits, suggest_split
 from planner.published import Law
 from planner.shape import shape_for
@@ -59,13 +61,16 @@ def make_recipe(
     gpus: int | None = None,
     micro_batch: int = 1,
     precision: StateBytes = AUTOCAST,
+    hparams: HparamLaw = DEEPSEEK2024,
 ) -> dict[str, Any]:
     """The recipe at `compute_flops` (see the module docstring), as one JSON-friendly dict."""
     if seq_len < 1 or vocab_size < 1:
         raise InputError(f"--seq-len {seq_len}, --vocab-size {vocab_size}: expected positive")
     if not 0 < mfu <= 1:
         raise InputError(f"--mfu: {mfu} must be in (0, 1]")
-    (row,) = compute_optimal(law, [compute_flops], level=level, measured_batch=measured_batch)
+    (row,) = compute_optimal(
+        law, [compute_flops], level=level, measured_batch=measured_batch, hparams=hparams
+    )
     shape = _shape(law, row["n_params"], seq_len, vocab_size)
     batch_sequences = max(1, round(row["batch_tokens"] / seq_len))
     tokens_per_step = batch_sequences * seq_len

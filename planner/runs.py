@@ -45,7 +45,24 @@ def read_table(path: str | os.PathLike[str]) -> pd.DataFrame:
         raise InputError(f"{file}: not a readable CSV or Parquet table ({reason})") from None
 
 
-def _column(frame: pd.DataFrame, name: str, source: str, option: str) -> np.ndarray:
+def select_rows(frame: pd.DataFrame, where: dict[str, str] | None, source: str) -> pd.DataFrame:
+    """The rows whose columns equal `where`'s values (compared as text), or an InputError
+    naming the missing column or the value no row has."""
+    for column, value in (where or {}).items():
+        if column not in frame.columns:
+            raise InputError(
+                f"--where: {source} has no column '{column}'"
+                f" (columns: {', '.join(map(str, frame.columns))})"
+            )
+        frame = frame[frame[column].astype(str) == value].reset_index(drop=True)
+        if frame.empty:
+            raise InputError(f"--where: no row of {source} has {column} = {value!r}")
+    return frame
+
+
+def numeric_column(frame: pd.DataFrame, name: str, source: str, option: str) -> np.ndarray:
+    """Column `name` as positive finite floats, or an InputError naming the file, the row and
+    the option that picks another column."""
     if name not in frame.columns:
         raise InputError(
             f"{source}: no column '{name}' (columns: {', '.join(map(str, frame.columns))});"
@@ -79,29 +96,22 @@ def load_runs(
     ``{"condition": "raw_loss"}`` for a table that holds several experiments.
     """
     source = str(path)
-    frame = read_table(path)
-    for column, value in (where or {}).items():
-        if column not in frame.columns:
-            raise InputError(
-                f"--where: {source} has no column '{column}'"
-                f" (columns: {', '.join(map(str, frame.columns))})"
-            )
-        frame = frame[frame[column].astype(str) == value].reset_index(drop=True)
-        if frame.empty:
-            raise InputError(f"--where: no row of {source} has {column} = {value!r}")
-    n = _column(frame, params_col, source, "--params-col")
+    frame = select_rows(read_table(path), where, source)
+    n = numeric_column(frame, params_col, source, "--params-col")
     if tokens_col in frame.columns:
-        d = _column(frame, tokens_col, source, "--tokens-col")
+        d = numeric_column(frame, tokens_col, source, "--tokens-col")
     elif flops_col in frame.columns:
-        d = _column(frame, flops_col, source, "--flops-col") / (FLOPS_PER_PARAM_TOKEN * n)
+        d = numeric_column(frame, flops_col, source, "--flops-col") / (FLOPS_PER_PARAM_TOKEN * n)
     else:
         raise InputError(
             f"{source}: neither a tokens column '{tokens_col}' nor a FLOPs column '{flops_col}'"
             f" (columns: {', '.join(map(str, frame.columns))});"
             " name one with --tokens-col or --flops-col"
         )
-    loss = _column(frame, loss_col, source, "--loss-col")
-    budget = _column(frame, budget_col, source, "--budget-col") if budget_col in frame else None
+    loss = numeric_column(frame, loss_col, source, "--loss-col")
+    budget = None
+    if budget_col in frame:
+        budget = numeric_column(frame, budget_col, source, "--budget-col")
     if len(frame) < min_rows:
         raise InputError(f"{source}: {len(frame)} runs; this fit needs at least {min_rows}")
     return Runs(n_params=n, n_tokens=d, loss=loss, budget_flops=budget, source=source)

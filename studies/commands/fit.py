@@ -15,10 +15,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", help="law file to write (JSON), read by `plan --law FILE`")
     parser.add_argument(
         "--approach",
-        choices=("parametric", "isoflop", "envelope"),
+        choices=("parametric", "isoflop", "envelope", "hparams"),
         default="parametric",
         help="parametric: Approach 3 (default); isoflop: Approach 2; envelope: Approach 1, "
-        "on a curves table (one row per point of each run's curve, e.g. a ladder's curves.csv)",
+        "on a curves table (one row per point of each run's curve, e.g. a ladder's curves.csv); "
+        "hparams: the learning-rate and batch laws, on a table of tuned optima per budget "
+        "(columns flops, lr, batch_tokens)",
     )
     parser.add_argument(
         "--form",
@@ -65,6 +67,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     columns.add_argument(
         "--run-col", default="run", help="envelope: the run each curve point belongs to (run)"
     )
+    columns.add_argument("--lr-col", default="lr", help="hparams: the tuned peak LR (lr)")
+    columns.add_argument(
+        "--batch-col",
+        default="batch_tokens",
+        help="hparams: the tuned batch in tokens (batch_tokens)",
+    )
     columns.add_argument(
         "--budget-col",
         default="budget",
@@ -97,6 +105,8 @@ def run(args: argparse.Namespace) -> int:
         raise InputError(f"--delta: {args.delta} must be positive")
     if args.approach == "envelope":
         return _envelope(args)
+    if args.approach == "hparams":
+        return _hparams(args)
     runs = load_runs(
         args.runs,
         params_col=args.params_col,
@@ -238,6 +248,46 @@ def _parametric_plots(runs: Any, law: Any, folder: Path) -> list[str]:
             plots.tokens_per_param_plot(law, float(compute.max()), folder / "tokens_per_param.png")
         )
     return [str(p) for p in paths]
+
+
+def _hparams(args: argparse.Namespace) -> int:
+    from planner.hparams import fit_hparam_law, save_hparam_law
+    from planner.runs import numeric_column, read_table, select_rows
+
+    frame = select_rows(read_table(args.runs), dict(args.where), args.runs)
+    values = [
+        numeric_column(frame, name, args.runs, option)
+        for name, option in (
+            (args.flops_col, "--flops-col"),
+            (args.lr_col, "--lr-col"),
+            (args.batch_col, "--batch-col"),
+        )
+    ]
+    name = args.name or (Path(args.out).stem if args.out else Path(args.runs).stem)
+    law = fit_hparam_law(
+        *values,
+        name=name,
+        source=str(args.runs),
+        bootstrap=args.bootstrap,
+        interval_level=args.level,
+        seed=args.seed,
+    )
+    summary = law.model_dump(mode="json")
+    if args.out:
+        summary["law_file"] = str(save_hparam_law(law, args.out))
+    if args.json:
+        output.print_json(summary)
+        return 0
+    lr, batch = law.learning_rate, law.batch_tokens
+    print(
+        f"eta_opt = {lr.coefficient:.4g} C^{lr.exponent:.4f} [{_interval(lr.exponent_interval)}]"
+        f", B_opt = {batch.coefficient:.4g} C^{batch.exponent:.4f} "
+        f"[{_interval(batch.exponent_interval)}] tokens ({args.level:.0%} bootstrap intervals "
+        f"over {law.n_points} budgets; DeepSeek LLM: 0.3118 C^-0.1250, 0.2920 C^0.3271)"
+    )
+    if args.out:
+        print(f"law written to {args.out}; use it with: scaleplan plan --hparams {args.out}")
+    return 0
 
 
 def _allocation_summary(approach: str, result: Any) -> dict[str, Any]:

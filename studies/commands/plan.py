@@ -62,6 +62,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="central interval for bands from bootstrap samples (default 0.8)",
     )
     parser.add_argument(
+        "--hparams",
+        default="deepseek2024",
+        metavar="NAME|FILE",
+        help="the learning-rate and batch law: deepseek2024 (default) or a file "
+        "`scaleplan fit --approach hparams` wrote",
+    )
+    parser.add_argument(
         "--batch-from",
         type=Path,
         metavar="FILE",
@@ -134,14 +141,18 @@ def _frontier(laws: list[Any], args: argparse.Namespace) -> int:
     from planner.allocate import compute_optimal
     from planner.batch import load_measured_batch
     from planner.hardware import gpu_hours_to_flops
+    from planner.hparams import load_hparam_law
 
     measured = load_measured_batch(args.batch_from) if args.batch_from else None
+    hparams = load_hparam_law(args.hparams)
     compute = args.compute
     if args.gpu_hours is not None:
         compute = gpu_hours_to_flops(args.gpu_hours, args.gpu, args.mfu)
     rows = []
     for law in laws:
-        law_rows = compute_optimal(law, compute, level=args.level, measured_batch=measured)
+        law_rows = compute_optimal(
+            law, compute, level=args.level, measured_batch=measured, hparams=hparams
+        )
         if args.gpu_hours is not None:
             for row, hours in zip(law_rows, args.gpu_hours, strict=True):
                 row.update(gpu_hours=hours, gpu=args.gpu, mfu=args.mfu)
@@ -181,25 +192,31 @@ def _frontier(laws: list[Any], args: argparse.Namespace) -> int:
             f"{law.name}: compute-optimal allocation",
             columns,
             table,
-            caption=_caption(law, args.level, measured),
+            caption=_caption(law, args.level, measured, hparams),
         )
     return 0
 
 
-def _caption(law: Any, level: float, measured: Any = None) -> str:
+def _caption(law: Any, level: float, measured: Any = None, hparams: Any = None) -> str:
+    from planner.hparams import DEEPSEEK2024
+
     lines = [law.citation, f"N counts {law.n_counts} parameters."]
     if law.form != "allocation":
         lines[-1] += f" Loss in {law.loss_units}."
     if law.bootstrap:
         lines.append(f"[low–high]: central {level:.0%} over {len(law.bootstrap)} bootstrap fits.")
-    if measured is None:
-        lines.append("Peak LR and batch: DeepSeek LLM power laws (arXiv:2401.02954, eq. 1).")
-    else:
+    source = (
+        "DeepSeek LLM power laws (arXiv:2401.02954, eq. 1)"
+        if hparams is None or hparams is DEEPSEEK2024
+        else f"{hparams.name}: {hparams.citation}"
+    )
+    lines.append(f"Peak LR and batch: {source}.")
+    if measured is not None:
         lines.append(
-            "Peak LR: DeepSeek LLM (arXiv:2401.02954, eq. 1). Batch: your B_crit "
-            f"({output.count(measured.b_crit_tokens)} tokens at loss {measured.loss:.4g}, "
-            f"{measured.source}) carried to the predicted loss as L^(-1/0.21); meaningful when "
-            "the law was fitted on the same data (`scaleplan fit` on your runs)."
+            f"Batch bounded by your B_crit ({output.count(measured.b_crit_tokens)} tokens at "
+            f"loss {measured.loss:.4g}, {measured.source}) carried to the predicted loss as "
+            "L^(-1/0.21); meaningful when the law was fitted on the same data (`scaleplan fit` "
+            "on your runs)."
         )
     lines.append(
         "Kaplan B_crit: 2e8 tokens / L^(1/0.21) at the predicted loss (Kaplan et al. 2020, "
@@ -299,6 +316,7 @@ def _recipe(laws: list[Any], args: argparse.Namespace) -> int:
     from planner.batch import load_measured_batch
     from planner.errors import InputError
     from planner.hardware import gpu_hours_to_flops
+    from planner.hparams import load_hparam_law
     from planner.memory import PRECISIONS, fits_note
     from planner.recipe import make_recipe, trainer_config
     from trainer.config import parse_config
@@ -320,9 +338,11 @@ def _recipe(laws: list[Any], args: argparse.Namespace) -> int:
         "text",
     ):
         vocab = 256  # byte corpora (the default one too)
+    hparams = load_hparam_law(args.hparams)
     recipe = make_recipe(
         laws[0],
         compute,
+        hparams=hparams,
         seq_len=args.seq_len,
         vocab_size=vocab,
         level=args.level,
@@ -384,7 +404,7 @@ def _recipe(laws: list[Any], args: argparse.Namespace) -> int:
         f"{laws[0].name}: compute-optimal recipe",
         ["", "value"],
         rows,
-        caption=_caption(laws[0], args.level, None)
+        caption=_caption(laws[0], args.level, None, hparams)
         + "\nShape: Kaplan et al. 2020 sec. 3.1 (loss flat in d/L), GPT-3's d/L (Brown et al. "
         "2020, Table 2.1). Schedule: Hoffmann et al. 2022 (cosine cycle = run, to 10%)."
         + (
