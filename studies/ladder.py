@@ -1,10 +1,13 @@
 """A scaling ladder: GPTs of several sizes trained at several compute budgets, on the user's own
 data and architecture, into a runs table that `scaleplan fit` reads.
 
-Sizes are non-embedding parameter counts N; each becomes a GPT shape (`planner.shape`) at the
-base config's sequence length, and the trainer's own count of the shape is the N the table
-records. A budget C buys D = C / (6 N) tokens (Kaplan et al. 2020's C ~ 6ND), rounded to whole
-steps of the base config's batch. Two designs:
+Sizes are non-embedding parameter counts; each becomes a GPT shape (`planner.shape`) at the
+base config's sequence length. The N the table records (``params``) is FLOP-equivalent: the
+trainer's FLOPs per token of that shape over 6, its LM head and attention included, so that a
+budget C buys D = C / (6 N) tokens, rounded to whole steps of the base config's batch, and
+6 N D is what the run costs (Porian et al. 2024, arXiv:2406.19146: leaving the last layer out
+of small models' compute is what bent Kaplan's exponent); ``params_non_embedding`` is beside
+it. Two designs:
 
 - ``isoflop`` (Hoffmann et al. 2022, Approach 2): every size at every budget, a run each, its
   cosine schedule as long as the run. A budget needs at least 3 sizes that fit it (``min_steps``
@@ -85,14 +88,17 @@ class LadderSpec(BaseModel):
 
 @dataclass(frozen=True)
 class Rung:
-    """One size: its GPT shape and the trainer's count of its non-embedding parameters."""
+    """One size: its GPT shape, the trainer's count of its non-embedding parameters, and its
+    FLOP-equivalent parameter count: the trainer's FLOPs per token over 6, head and attention
+    included, so that 6 N D is what a run costs."""
 
     index: int
     target: float
     n_layer: int
     d_model: int
     n_head: int
-    n_params: int
+    n_params: int  # non-embedding
+    flop_params: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -124,7 +130,7 @@ class Plan:
     left_out: list[str]  # (size, budget) points no run can hold, and why
 
     def flops(self, run: Run) -> float:
-        return FLOPS_PER_PARAM_TOKEN * self.rungs[run.size].n_params * self.tokens(run)
+        return FLOPS_PER_PARAM_TOKEN * self.rungs[run.size].flop_params * self.tokens(run)
 
     def tokens(self, run: Run) -> int:
         return run.trained_steps * self.tokens_per_step
@@ -183,14 +189,14 @@ def plan_ladder(spec: LadderSpec, base_raw: Mapping[str, Any]) -> Plan:
     runs: list[Run] = []
     left_out: list[str] = []
     steps = {
-        (r.index, b): round(c / (FLOPS_PER_PARAM_TOKEN * r.n_params * per_step))
+        (r.index, b): round(c / (FLOPS_PER_PARAM_TOKEN * r.flop_params * per_step))
         for r in rungs
         for b, c in enumerate(spec.budgets)
     }
     why: dict[tuple[int, int], str] = {}
     for r in rungs:
         for b in range(len(spec.budgets)):
-            count, ratio = steps[(r.index, b)], steps[(r.index, b)] * per_step / r.n_params
+            count, ratio = steps[(r.index, b)], steps[(r.index, b)] * per_step / r.flop_params
             if count < spec.min_steps:
                 why[(r.index, b)] = f"{count} steps (min_steps {spec.min_steps})"
             elif ratio > spec.max_tokens_per_param:
@@ -252,18 +258,24 @@ def _wsd_runs(
 
 
 def _counted(rung: Rung, config: Any) -> Rung:
-    """The rung with the trainer's own non-embedding parameter count of its shape."""
+    """The rung with the trainer's own counts: non-embedding parameters, and FLOPs per token
+    over 6 (the LM head and attention are a large share of a tiny model's compute; counting
+    them is one of the corrections of Porian et al. 2024, arXiv:2406.19146, sec. 3)."""
     import torch
 
+    from studies.trainer_config import tokens_per_step
     from trainer.models import build_model
+    from trainer.rundir import flops_per_step
 
-    model_config = config.model.model_copy(
-        update={"n_layer": rung.n_layer, "d_model": rung.d_model, "n_head": rung.n_head}
-    )
+    shape = {"n_layer": rung.n_layer, "d_model": rung.d_model, "n_head": rung.n_head}
+    config = config.model_copy(update={"model": config.model.model_copy(update=shape)})
     with torch.device("meta"):
-        model = build_model(model_config, vocab_size=256)
+        model = build_model(config.model, vocab_size=256)
     count = int(model.num_params(include_embeddings=False))
-    return Rung(rung.index, rung.target, rung.n_layer, rung.d_model, rung.n_head, count)
+    flop_params = flops_per_step(config) / tokens_per_step(config) / FLOPS_PER_PARAM_TOKEN
+    return Rung(
+        rung.index, rung.target, rung.n_layer, rung.d_model, rung.n_head, count, flop_params
+    )
 
 
 def _set_items(overrides: Mapping[str, Any]) -> list[str]:
@@ -359,10 +371,11 @@ def runs_table(plan: Plan, reports: Sequence[Any]) -> tuple[list[dict[str, Any]]
                     "size": run.size,
                     "n_layer": rung.n_layer,
                     "d_model": rung.d_model,
-                    "params": rung.n_params,
+                    "params": round(rung.flop_params),
+                    "params_non_embedding": rung.n_params,
                     "budget": run.budget_flops,
                     "tokens": tokens,
-                    "flops": FLOPS_PER_PARAM_TOKEN * rung.n_params * tokens,
+                    "flops": FLOPS_PER_PARAM_TOKEN * rung.flop_params * tokens,
                     "loss": result["final_val_loss"],
                     "steps": result["steps"],
                     "trained_flops": plan.flops(run),
@@ -375,7 +388,7 @@ def runs_table(plan: Plan, reports: Sequence[Any]) -> tuple[list[dict[str, Any]]
                     {
                         "run": run.stage,
                         "design": run.design,
-                        "params": rung.n_params,
+                        "params": round(rung.flop_params),
                         "step": step,
                         "tokens": step * plan.tokens_per_step,
                         "loss": loss,
@@ -412,3 +425,63 @@ def plan_dict(plan: Plan) -> dict[str, Any]:
         "left_out": plan.left_out,
         "savings": savings(plan),
     }
+
+
+def three_approaches(
+    runs_csv: Path, curves_csv: Path, *, at_flops: float, bootstrap: int = 200
+) -> list[dict[str, Any]]:
+    """Hoffmann et al.'s three approaches on a ladder's tables, side by side: the exponent a
+    of N_opt ∝ C^a and N_opt at `at_flops`, or why an approach could not be fitted.
+    Approach 1 reads every curve; 2 the IsoFLOP runs; 3 (parametric) every run's final loss."""
+    import numpy as np
+
+    from planner.envelope import fit_envelope, load_curves
+    from planner.errors import InputError
+    from planner.fit import fit_law
+    from planner.isoflop import fit_isoflop
+    from planner.laws import FORMS
+    from planner.runs import load_runs
+
+    rows: list[dict[str, Any]] = []
+
+    def attempt(approach: str, fit: Any) -> None:
+        try:
+            exponent, n_opt, note = fit()
+            rows.append({"approach": approach, "a": exponent, "n_opt": n_opt, "note": note})
+        except InputError as error:
+            rows.append({"approach": approach, "a": None, "n_opt": None, "note": str(error)})
+
+    def envelope() -> tuple[float, float | None, str]:
+        result = fit_envelope(load_curves(curves_csv), bootstrap=bootstrap)
+        n_opt = result.n_coefficient * at_flops**result.n_exponent
+        return result.n_exponent, n_opt, _interval_note(result.n_exponent_interval)
+
+    def isoflop() -> tuple[float, float | None, str]:
+        result = fit_isoflop(load_runs(runs_csv, where={"design": "isoflop"}), bootstrap=bootstrap)
+        n_opt = result.n_coefficient * at_flops**result.n_exponent
+        used = f"{len(result.used)} of {len(result.budgets)} budgets bracketed"
+        return result.n_exponent, n_opt, f"{_interval_note(result.n_exponent_interval)}; {used}"
+
+    def parametric() -> tuple[float, float | None, str]:
+        runs = load_runs(runs_csv)
+        result = fit_law(runs.n_params, runs.n_tokens, runs.loss, bootstrap=0)
+        params = result.params
+        a = params["beta"] / (params["alpha"] + params["beta"])
+        with np.errstate(all="ignore"):
+            optimum = np.asarray(FORMS["chinchilla"].optimal_n(params, at_flops))
+        n_opt = float(optimum.real) if np.isrealobj(optimum) and np.isfinite(optimum) else None
+        note = "; ".join(result.warnings) or "fitted on all final losses"
+        if n_opt is None:
+            note = (
+                f"no finite N_opt (alpha {params['alpha']:.3g}, beta {params['beta']:.3g}); {note}"
+            )
+        return a, n_opt, note
+
+    attempt("1: envelope of the curves", envelope)
+    attempt("2: IsoFLOP parabolas", isoflop)
+    attempt("3: parametric L(N, D)", parametric)
+    return rows
+
+
+def _interval_note(interval: tuple[float, float]) -> str:
+    return f"a in [{interval[0]:.3f}, {interval[1]:.3f}]"

@@ -34,7 +34,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from studies.commands.sweep import run_study_reports
-    from studies.ladder import load_ladder, plan_dict, plan_ladder, runs_table, study_file
+    from studies.ladder import (
+        load_ladder,
+        plan_dict,
+        plan_ladder,
+        runs_table,
+        study_file,
+        three_approaches,
+    )
     from studies.sweep import prepare_study
     from studies.transfer import write_json, write_study_file
     from trainer.config import read_yaml_mapping
@@ -58,13 +65,24 @@ def run(args: argparse.Namespace) -> int:
     for name, table in (("runs.csv", rows), ("curves.csv", curves)):
         if table:
             write_text_atomic(out / name, _csv(table))
-    payload = {**summary, "runs_table": str(out / "runs.csv"), "finished": len(rows)}
+    approaches = []
+    if rows and curves:
+        approaches = three_approaches(
+            out / "runs.csv", out / "curves.csv", at_flops=spec.budgets[-1]
+        )
+    payload = {
+        **summary,
+        "runs_table": str(out / "runs.csv"),
+        "finished": len(rows),
+        "approaches": approaches,
+    }
     write_json(payload, out / "ladder.json")
     if args.json:
         output.print_json({**payload, "rows": rows})
         return 0
     _print_plan(plan, summary, as_json=False)
     _print_rows(rows)
+    _print_approaches(approaches, spec.budgets[-1])
     print(f"runs table: {out / 'runs.csv'} (scaleplan fit {out / 'runs.csv'})")
     print(f"curves: {out / 'curves.csv'}; study: {study_path}")
     return 0
@@ -88,12 +106,19 @@ def _print_plan(plan: Any, summary: dict[str, Any], *, as_json: bool) -> None:
     output.print_table(
         f"Ladder {plan.spec.name}: {len(plan.rungs)} sizes x {len(plan.spec.budgets)} budgets, "
         f"{len(plan.runs)} runs ({', '.join(plan.spec.designs)})",
-        ["size", "shape", "params (non-emb.)", *(f"{c:.3g} FLOPs" for c in plan.spec.budgets)],
+        [
+            "size",
+            "shape",
+            "params (non-emb.)",
+            "N = FLOPs/6 per token",
+            *(f"{c:.3g} FLOPs" for c in plan.spec.budgets),
+        ],
         [
             [
                 str(rung.index),
                 f"{rung.n_layer} x {rung.d_model}, {rung.n_head} heads",
                 f"{rung.n_params:,}",
+                f"{rung.flop_params:,.0f}",
                 *(_steps_cell(plan, rung.index, b) for b in range(len(plan.spec.budgets))),
             ]
             for rung in plan.rungs
@@ -141,4 +166,23 @@ def _print_rows(rows: list[dict[str, Any]]) -> None:
             ]
             for row in rows
         ],
+    )
+
+
+def _print_approaches(rows: list[dict[str, Any]], at_flops: float) -> None:
+    if not rows:
+        return
+    output.print_table(
+        "Hoffmann et al.'s three approaches on this ladder",
+        ["approach", "a in N_opt ∝ C^a", f"N_opt at {at_flops:.3g} FLOPs", "note"],
+        [
+            [
+                row["approach"],
+                "-" if row["a"] is None else f"{row['a']:.3f}",
+                output.count(row["n_opt"]),
+                row["note"],
+            ]
+            for row in rows
+        ],
+        caption="Hoffmann et al. 2022 found a = 0.50, 0.49 and 0.46 with approaches 1, 2, 3.",
     )

@@ -46,9 +46,10 @@ def test_the_plan_has_both_designs_and_the_wsd_branches_share_the_stable_phase()
     assert [r.n_params for r in plan.rungs] == sorted(r.n_params for r in plan.rungs)
     iso = [r for r in plan.runs if r.design == "isoflop"]
     assert len(iso) == 6  # every size at both budgets
-    for run in iso:  # D = C / (6 N), in whole steps of 128 tokens
+    for run in iso:  # D = C / (6 N), in whole steps of 128 tokens, N = FLOPs per token / 6
         rung = plan.rungs[run.size]
-        assert run.steps == round(run.budget_flops / (6 * rung.n_params * 128))
+        assert rung.flop_params > rung.n_params  # the head and attention cost too
+        assert run.steps == round(run.budget_flops / (6 * rung.flop_params * 128))
     stable = [r for r in plan.runs if r.role == "stable"]
     cooldowns = [r for r in plan.runs if r.role == "cooldown"]
     assert len(stable) == 3 and len(cooldowns) == 3
