@@ -36,6 +36,8 @@ def main() -> int:
     parser.add_argument("--design", choices=("isoflop", "wsd"), help="fit and check one design")
     args = parser.parse_args()
     runs = load_runs(args.runs, where={"design": args.design} if args.design else None)
+    if runs.budget_flops is None:
+        parser.error(f"{args.runs}: no budget column; expected a ladder's runs.csv")
     largest = runs.budget_flops.max()
     train = runs.budget_flops < largest
     fit = fit_law(
