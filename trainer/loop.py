@@ -230,10 +230,10 @@ def _loop(
         lrs = [group["lr"] for group in optimizer.param_groups]  # the lr of this update
         clipped, snapshot = tally.no, None
         # under fp16 an overflowing gradient is routine: the scaler skips that step itself
-        bad = _nonfinite(loss, grad_norm, precision) if host_checks else None
+        bad, finite_grads = _nonfinite(loss, grad_norm, precision) if host_checks else (None, True)
         if bad is None:
-            # 3. clip, optimiser step, schedule
-            if not host_checks or torch.isfinite(grad_norm):
+            # 3. clip, optimiser step, schedule (an fp16 overflow is left to the scaler)
+            if finite_grads:
                 clipped = clip_gradients(params, config.clip.mode, grad_norm, **clip_options)
             if diagnosing and config.diagnostics.per_layer:
                 snapshot = WeightSnapshot(named)
@@ -267,7 +267,7 @@ def _loop(
         )
         if not (logging or evaluating or checkpointing):
             continue
-        loss_value, grad_norm_value, clipped_value, first_bad = tally.read(
+        (loss_value, grad_norm_value, clipped_value), first_bad = tally.read(
             s, loss, grad_norm, clipped
         )
         if first_bad is not None:  # only without host checks: the update was applied
@@ -281,7 +281,7 @@ def _loop(
             break
         if logging or evaluating:
             metrics = _step_metrics(
-                parts, interval, loss_value, grad_norm_value, clipped_value, lrs
+                parts, interval, loss_value, grad_norm_value, bool(clipped_value), lrs
             )
             metrics.update(memory)
             if diagnosing and config.diagnostics.per_layer:
@@ -306,7 +306,7 @@ def _loop(
             save_run(parts, session_start)
             interval = _Interval(s.step, s.tokens, time.perf_counter())
 
-    tally.read(s, None, None, None)  # a stop before the update leaves the last steps unread
+    tally.read(s)  # a stop before the update leaves the last steps unread
     if profiler is not None:
         profiler.close()
     result = run_result(parts, session_start, stopped_reason, stop_message)
@@ -314,17 +314,22 @@ def _loop(
     return result
 
 
+BadStep = tuple[int, str]  # (step, "loss" or "gradient norm")
+
+
 def _nonfinite(
     loss: torch.Tensor, grad_norm: torch.Tensor, precision: Precision
-) -> tuple[str, float] | None:
-    """What is non-finite this step, read on the host (nonfinite_check: step); None if
-    nothing is, or only the gradient under fp16 (the scaler skips that update itself)."""
+) -> tuple[tuple[str, float] | None, bool]:
+    """Read on the host (nonfinite_check: step): what is non-finite this step, None if nothing
+    is or only the gradient under fp16 (the scaler skips that update itself); and whether the
+    gradient norm is finite."""
     loss_value, grad_norm_value = loss.item(), grad_norm.item()
+    finite_grads = math.isfinite(grad_norm_value)
     if not math.isfinite(loss_value):
-        return "loss", loss_value
-    if not math.isfinite(grad_norm_value) and not precision.scales_loss:
-        return "gradient norm", grad_norm_value
-    return None
+        return ("loss", loss_value), finite_grads
+    if not finite_grads and not precision.scales_loss:
+        return ("gradient norm", grad_norm_value), finite_grads
+    return None, finite_grads
 
 
 class _DeviceTally:
@@ -371,33 +376,25 @@ class _DeviceTally:
         self.bad_kind = torch.where(new, torch.where(finite_loss, 2.0, 1.0), self.bad_kind)
         self.first_bad = torch.where(new, float(step), self.first_bad)
 
-    def read(
-        self,
-        s: LoopState,
-        loss: torch.Tensor | None,
-        grad_norm: torch.Tensor | None,
-        clipped: torch.Tensor | None,
-    ) -> tuple[float, float, bool, tuple[int, str] | None]:
-        """Fold the tally into `s` and start a new one; this step's loss, gradient norm and
-        clipped flag, and (step, what) of the first non-finite update since the last read."""
-        this_step = [t for t in (loss, grad_norm, clipped) if t is not None]
+    def read(self, s: LoopState, *current: torch.Tensor) -> tuple[list[float], BadStep | None]:
+        """Fold the tally into `s` and start a new one, in one host read with the `current`
+        step's tensors: their values, and (step, what) of the first non-finite update since
+        the last read."""
         values = torch.stack(
-            [t.to(self._zero.dtype) for t in this_step]
+            [t.to(self._zero.dtype) for t in current]
             + [self.loss_sum, self.updates, self.clipped, self.first_bad, self.bad_kind]
         ).tolist()
-        loss_sum, updates, clipped_steps, first_bad, bad_kind = values[-5:]
+        loss_sum, updates, clipped_steps, first_bad, bad_kind = values[len(current) :]
         s.interval_loss_sum += loss_sum
         s.interval_steps += int(updates)
         s.clipped_steps += int(clipped_steps)
         self._reset()
-        bad = (
-            None
-            if first_bad < 0
-            else (int(first_bad), "loss" if bad_kind == 1 else "gradient norm")
+        if first_bad < 0:
+            return values[: len(current)], None
+        return values[: len(current)], (
+            int(first_bad),
+            "loss" if bad_kind == 1 else "gradient norm",
         )
-        if len(this_step) < 3:
-            return math.nan, math.nan, False, bad
-        return values[0], values[1], bool(values[2]), bad
 
 
 def _micro_batches(parts: Parts, step: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
