@@ -98,7 +98,7 @@ class Rung:
     d_model: int
     n_head: int
     n_params: int  # non-embedding
-    flop_params: float = 0.0
+    flop_params: float
 
 
 @dataclass(frozen=True)
@@ -167,10 +167,10 @@ def plan_ladder(spec: LadderSpec, base_raw: Mapping[str, Any]) -> Plan:
     """The shapes and the runs, or one line saying what cannot be run (nothing is trained)."""
     from planner.errors import InputError
     from planner.shape import shape_for
-    from studies.trainer_config import tokens_per_step
-    from trainer.config import apply_overrides, parse_config
+    from studies.trainer_config import tokens_per_step, with_values
+    from trainer.config import parse_config
 
-    config = parse_config(apply_overrides(dict(base_raw), _set_items(spec.overrides)))
+    config = parse_config(with_values(base_raw, spec.overrides, "overrides"))
     if config.model.kind != "gpt":
         raise StudyError(f"base: model.kind {config.model.kind!r}; a ladder trains GPTs")
     per_step = tokens_per_step(config)
@@ -180,8 +180,7 @@ def plan_ladder(spec: LadderSpec, base_raw: Mapping[str, Any]) -> Plan:
             shape = shape_for(target, seq_len=config.data.block_size)
         except InputError as error:
             raise StudyError(f"sizes[{index}]: {error}") from None
-        rungs.append(Rung(index, target, shape.n_layer, shape.d_model, shape.n_head, 0))
-    rungs = [_counted(rung, config) for rung in rungs]
+        rungs.append(_rung(index, target, shape, config))
     if len({r.n_params for r in rungs}) < len(rungs):
         raise StudyError(
             f"sizes: {spec.sizes} give the same GPT shape twice; space them further apart"
@@ -257,31 +256,24 @@ def _wsd_runs(
     return runs
 
 
-def _counted(rung: Rung, config: Any) -> Rung:
-    """The rung with the trainer's own counts: non-embedding parameters, and FLOPs per token
-    over 6 (the LM head and attention are a large share of a tiny model's compute; counting
-    them is one of the corrections of Porian et al. 2024, arXiv:2406.19146, sec. 3)."""
+def _rung(index: int, target: float, shape: Any, config: Any) -> Rung:
+    """Size `index` as `shape`, with the trainer's own counts: non-embedding parameters, and
+    FLOPs per token over 6 (the LM head and attention are a large share of a tiny model's
+    compute; counting them is one of the corrections of Porian et al. 2024, arXiv:2406.19146,
+    sec. 3)."""
     import torch
 
     from studies.trainer_config import tokens_per_step
     from trainer.models import build_model
     from trainer.rundir import flops_per_step
 
-    shape = {"n_layer": rung.n_layer, "d_model": rung.d_model, "n_head": rung.n_head}
-    config = config.model_copy(update={"model": config.model.model_copy(update=shape)})
+    layout = {"n_layer": shape.n_layer, "d_model": shape.d_model, "n_head": shape.n_head}
+    config = config.model_copy(update={"model": config.model.model_copy(update=layout)})
     with torch.device("meta"):
         model = build_model(config.model, vocab_size=256)
     count = int(model.num_params(include_embeddings=False))
     flop_params = flops_per_step(config) / tokens_per_step(config) / FLOPS_PER_PARAM_TOKEN
-    return Rung(
-        rung.index, rung.target, rung.n_layer, rung.d_model, rung.n_head, count, flop_params
-    )
-
-
-def _set_items(overrides: Mapping[str, Any]) -> list[str]:
-    import json
-
-    return [f"{key}={json.dumps(value)}" for key, value in overrides.items()]
+    return Rung(index, target, shape.n_layer, shape.d_model, shape.n_head, count, flop_params)
 
 
 def study_file(plan: Plan, base: Path, runs_dir: Path) -> dict[str, Any]:
