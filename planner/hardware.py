@@ -1,6 +1,8 @@
-"""Accelerator peak throughput, and GPU-hours <-> training FLOPs."""
+"""Accelerators: peak throughput, memory and links, and GPU-hours <-> training FLOPs."""
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
@@ -22,6 +24,40 @@ PEAK_FLOPS: dict[str, float] = {
     "tpu-v5e": 197.0e12,
     "tpu-v5p": 459.0e12,
 }
+
+
+@dataclass(frozen=True)
+class Accelerator:
+    """Memory and links of one accelerator: HBM, intra-node bandwidth per GPU (one
+    direction), GPUs per node."""
+
+    memory_gb: float
+    intra_node_gbs: float
+    gpus_per_node: int = 8
+
+
+# vendors' datasheets: HBM capacity, NVLink / Infinity Fabric bandwidth per direction per GPU
+ACCELERATORS: dict[str, Accelerator] = {
+    "h100": Accelerator(80.0, 450.0),
+    "h100-pcie": Accelerator(80.0, 64.0),
+    "h200": Accelerator(141.0, 450.0),
+    "b200": Accelerator(192.0, 900.0),
+    "a100": Accelerator(80.0, 300.0),
+    "v100": Accelerator(32.0, 150.0),
+    "l40s": Accelerator(48.0, 32.0),
+    "l4": Accelerator(24.0, 32.0),
+    "mi300x": Accelerator(192.0, 448.0),
+}
+INTER_NODE_GBS = 50.0  # 400 Gb/s InfiniBand NDR per GPU, one direction
+
+
+def accelerator(gpu: str) -> Accelerator:
+    try:
+        return ACCELERATORS[gpu.lower()]
+    except KeyError:
+        raise InputError(
+            f"--gpu: '{gpu}' has no memory figure; expected one of: {', '.join(ACCELERATORS)}"
+        ) from None
 
 
 def peak_flops(gpu: str) -> float:

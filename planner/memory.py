@@ -40,6 +40,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from planner.errors import InputError
+from planner.hardware import INTER_NODE_GBS, accelerator, peak_flops
 
 GIB = 2**30
 GB = 1e9
@@ -60,40 +61,6 @@ AUTOCAST = StateBytes("autocast", 4.0, 4.0, 8.0)  # fp32 weights and grads, Adam
 PRECISIONS = {s.name: s for s in (MIXED, AUTOCAST)}
 
 ZERO_STAGES = {0: "DDP", 1: "ZeRO-1", 2: "ZeRO-2", 3: "ZeRO-3 / FSDP"}
-
-
-@dataclass(frozen=True)
-class Accelerator:
-    """Memory and links of one accelerator: HBM, intra-node bandwidth per GPU (one
-    direction), GPUs per node."""
-
-    memory_gb: float
-    intra_node_gbs: float
-    gpus_per_node: int = 8
-
-
-# vendors' datasheets: HBM capacity, NVLink / Infinity Fabric bandwidth per direction per GPU
-ACCELERATORS: dict[str, Accelerator] = {
-    "h100": Accelerator(80.0, 450.0),
-    "h100-pcie": Accelerator(80.0, 64.0),
-    "h200": Accelerator(141.0, 450.0),
-    "b200": Accelerator(192.0, 900.0),
-    "a100": Accelerator(80.0, 300.0),
-    "v100": Accelerator(32.0, 150.0),
-    "l40s": Accelerator(48.0, 32.0),
-    "l4": Accelerator(24.0, 32.0),
-    "mi300x": Accelerator(192.0, 448.0),
-}
-INTER_NODE_GBS = 50.0  # 400 Gb/s InfiniBand NDR per GPU, one direction
-
-
-def accelerator(gpu: str) -> Accelerator:
-    try:
-        return ACCELERATORS[gpu.lower()]
-    except KeyError:
-        raise InputError(
-            f"--gpu: '{gpu}' has no memory figure; expected one of: {', '.join(ACCELERATORS)}"
-        ) from None
 
 
 def model_state_bytes(
@@ -241,8 +208,6 @@ def plan_splits(
     all-reduces of the s b h activations per layer and micro-batch under tensor parallelism
     (two forward, two backward: Shoeybi et al. 2019, Megatron-LM, sec. 3). Compute: 6 N
     FLOPs per token (8 N with full recomputation) at `mfu` of the GPU's peak."""
-    from planner.hardware import peak_flops
-
     if gpus < 1:
         raise InputError(f"--gpus: {gpus} is not allowed; expected a positive count")
     if batch_sequences < 1 or micro_batch < 1:
