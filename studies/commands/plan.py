@@ -319,7 +319,7 @@ def _recipe(laws: list[Any], args: argparse.Namespace) -> int:
     from planner.hparams import load_hparam_law
     from planner.memory import PRECISIONS, fits_note
     from planner.recipe import make_recipe, trainer_config
-    from trainer.config import parse_config
+    from trainer.config import parse_config, read_yaml_mapping
     from trainer.tracking import write_text_atomic
 
     budgets = args.compute if args.compute is not None else args.gpu_hours
@@ -331,7 +331,7 @@ def _recipe(laws: list[Any], args: argparse.Namespace) -> int:
     compute = float(budgets[0])
     if args.gpu_hours is not None:
         compute = float(gpu_hours_to_flops(budgets, args.gpu, args.mfu)[0])
-    base = _base_config(args.base)
+    base = read_yaml_mapping(args.base, "--base") if args.base is not None else {}
     vocab = args.vocab_size
     if args.emit_config is not None and (base.get("data") or {}).get("kind", "stdlib") in (
         "stdlib",
@@ -421,21 +421,3 @@ def _split(row: dict[str, Any]) -> Any:
     from planner.memory import Split
 
     return Split(**{k: v for k, v in row.items() if k != "label"})
-
-
-def _base_config(path: Path | None) -> dict[str, Any]:
-    import yaml
-
-    from planner.errors import InputError
-
-    if path is None:
-        return {}
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except OSError as error:
-        raise InputError(f"--base: cannot read '{path}' ({error.strerror})") from None
-    except yaml.YAMLError as error:
-        raise InputError(f"--base: '{path}' is not valid YAML ({error})") from None
-    if not isinstance(raw, dict):
-        raise InputError(f"--base: '{path}' holds no mapping of trainer settings")
-    return raw

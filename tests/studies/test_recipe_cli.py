@@ -54,7 +54,7 @@ def test_a_recipe_on_gpus_carries_its_split(capsys: pytest.CaptureFixture[str]) 
         (["--gpus", "2"], "--gpus: the model fits no split of 2 h100 GPUs"),
         (["--gpus", "0"], "--gpus: 0 is not allowed"),
         (["--compute", "1e23", "1e24", "--gpus", "8"], "a recipe is for one budget and one law"),
-        (["--base", "nowhere.yaml"], "--base: cannot read 'nowhere.yaml'"),
+        (["--base", "nowhere.yaml"], "--base: 'nowhere.yaml' does not exist; expected a YAML file"),
     ],
 )
 def test_bad_recipe_input_is_one_line_and_exit_2(
