@@ -223,6 +223,11 @@ def load_law(name_or_path: str | os.PathLike[str]) -> Law:
         raw = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
         raise InputError(f"{path}: not a readable law file ({err})") from None
+    if isinstance(raw, dict) and raw.get("kind") == "hparams":
+        raise InputError(
+            f"{path}: a hyperparameter law (kind hparams), not a loss law; it goes to "
+            "--hparams (`scaleplan fit` without --approach hparams writes loss laws)"
+        )
     try:
         return Law.model_validate(raw)
     except ValidationError as err:

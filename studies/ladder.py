@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -72,13 +72,32 @@ class LadderSpec(BaseModel):
         "(about 20 tokens per parameter), they cost the most and inform the parabola least.",
     )
     evals: int = Field(default=8, ge=1, description="Validation passes along each run.")
+    lrs: list[float] | None = Field(
+        default=None,
+        min_length=2,
+        description="Train every point (and the check's run) at each of these optimizer.lr "
+        "values and keep the lowest loss: the optimal LR moves with size and horizon, and a "
+        "law fitted to mistuned runs fits the mistuning. None: the base config's LR.",
+    )
     overrides: dict[str, Any] = Field(
         default_factory=dict, description="Dotted trainer keys applied to every run."
     )
+    check: bool = Field(
+        default=True,
+        description="After the ladder: fit Approach 3 on the runs below the largest budget, "
+        "train the compute-optimal run it predicts at the largest budget, report the error.",
+    )
+    check_design: Design | None = Field(
+        default=None,
+        description="The design whose runs the check fits and whose schedule its run trains "
+        "(None: isoflop when the ladder has it, else wsd).",
+    )
 
-    @field_validator("sizes", "budgets")
+    @field_validator("sizes", "budgets", "lrs")
     @classmethod
-    def _positive_ascending(cls, values: list[float]) -> list[float]:
+    def _positive_ascending(cls, values: list[float] | None) -> list[float] | None:
+        if values is None:
+            return None
         if any(not math.isfinite(v) or v <= 0 for v in values):
             raise ValueError("expected positive numbers")
         if sorted(set(values)) != list(values):
@@ -114,6 +133,7 @@ class Run:
     stage: str
     start_step: int = 0  # cooldown: where it branches off the stable run
     decay_steps: int = 0  # wsd: the cool-down's length
+    lr: float | None = None  # optimizer.lr (a ladder with lrs); None: the base config's
 
     @property
     def trained_steps(self) -> int:
@@ -128,6 +148,7 @@ class Plan:
     runs: list[Run]
     tokens_per_step: int
     left_out: list[str]  # (size, budget) points no run can hold, and why
+    config: Any  # the base TrainConfig with the ladder's overrides (shapes for more rungs)
 
     def flops(self, run: Run) -> float:
         return FLOPS_PER_PARAM_TOKEN * self.rungs[run.size].flop_params * self.tokens(run)
@@ -223,7 +244,17 @@ def plan_ladder(spec: LadderSpec, base_raw: Mapping[str, Any]) -> Plan:
             ]
     if "wsd" in spec.designs:
         runs += _wsd_runs(spec, rungs, steps, fits)
-    return Plan(spec, rungs, runs, per_step, left_out)
+    plan = Plan(spec, rungs, with_lrs(runs, spec.lrs), per_step, left_out, config)
+    if spec.check:
+        _check_inputs(plan)
+    return plan
+
+
+def with_lrs(runs: Sequence[Run], lrs: Sequence[float] | None) -> list[Run]:
+    """Each run once per learning rate (stage ``<stage>-lr<j>``), or as it is without `lrs`."""
+    if not lrs:
+        return list(runs)
+    return [replace(r, stage=f"{r.stage}-lr{j}", lr=lr) for r in runs for j, lr in enumerate(lrs)]
 
 
 def _wsd_runs(
@@ -254,6 +285,168 @@ def _wsd_runs(
                     f"wsd-n{r.index}-c{b}", length - cool, cool)
             )  # fmt: skip
     return runs
+
+
+CHECK_MIN_RUNS = 5  # Approach 3 has five coefficients
+
+
+@dataclass(frozen=True)
+class Check:
+    """The extrapolation check: Approach 3 (Hoffmann et al. 2022) fitted on one design's runs
+    below the largest budget, and the run it calls compute-optimal at the largest budget, made
+    from the GPT shape whose FLOP-equivalent N is nearest the law's N_opt."""
+
+    design: Design
+    fitted_runs: int
+    law: dict[str, float]
+    warnings: list[str]
+    n_opt: float  # the law's compute-optimal N at the largest budget
+    rung: Rung
+    run: Run
+    tokens: int
+    predicted: float  # the law's loss at the run's own N and D
+    interval: tuple[float, float]  # over the bootstrap refits
+    level: float
+
+
+def check_design(spec: LadderSpec) -> Design:
+    if spec.check_design is not None:
+        return spec.check_design
+    return "isoflop" if "isoflop" in spec.designs else "wsd"
+
+
+def _check_inputs(plan: Plan) -> None:
+    """Before anything trains: the check's design is in the ladder and has enough runs below
+    the largest budget for the law's five coefficients."""
+    spec = plan.spec
+    design = check_design(spec)
+    if design not in spec.designs:
+        raise StudyError(
+            f"check_design: {design!r} is not one of the ladder's designs {spec.designs}; "
+            "name one of them (or check: false)"
+        )
+    below = [r for r in plan.runs if r.design == design and r.budget < len(spec.budgets) - 1]
+    if len(below) < CHECK_MIN_RUNS:
+        raise StudyError(
+            f"check: {len(below)} {design} runs below the largest budget "
+            f"{spec.budgets[-1]:.3g} FLOPs; the parametric fit needs at least {CHECK_MIN_RUNS} "
+            "(add sizes or budgets, or check: false)"
+        )
+
+
+def plan_check(
+    plan: Plan, rows: Sequence[Mapping[str, Any]], *, bootstrap: int = 200, level: float = 0.95
+) -> Check:
+    """Fit the check's law on the finished `rows` below the largest budget and make its run
+    (InputError, from the fit or the law, when there is no finite optimum to train)."""
+    import numpy as np
+
+    from planner.errors import InputError
+    from planner.fit import fit_law
+    from planner.laws import FORMS
+
+    spec = plan.spec
+    design = check_design(spec)
+    largest = spec.budgets[-1]
+    fitted = [r for r in rows if r["design"] == design and r["budget"] < largest]
+    fit = fit_law(
+        [r["params"] for r in fitted],
+        [r["tokens"] for r in fitted],
+        [r["loss"] for r in fitted],
+        bootstrap=bootstrap,
+        interval_level=level,
+    )
+    form = FORMS["chinchilla"]
+    n_opt = _optimal_n(fit.params, largest)
+    if n_opt is None:
+        raise InputError(
+            f"the law fitted below {largest:.3g} FLOPs has no finite compute-optimal N "
+            f"(alpha {fit.params['alpha']:.3g}, beta {fit.params['beta']:.3g})"
+        )
+    rung = rung_near(plan, n_opt)
+    steps = round(largest / (FLOPS_PER_PARAM_TOKEN * rung.flop_params * plan.tokens_per_step))
+    if steps < spec.min_steps:
+        raise InputError(
+            f"the law's N_opt {n_opt:,.0f} trains {steps} steps at {largest:.3g} FLOPs "
+            f"(min_steps {spec.min_steps})"
+        )
+    decay = max(1, round(spec.decay_fraction * steps)) if design == "wsd" else 0
+    run = Run(design, "check", rung.index, len(spec.budgets) - 1, largest, steps, "check",
+              0, decay)  # fmt: skip
+    tokens = steps * plan.tokens_per_step
+    predicted = float(form.loss(fit.params, rung.flop_params, tokens))
+    interval = (predicted, predicted)
+    if fit.bootstrap is not None and len(fit.bootstrap):
+        names = list(fit.params)
+        draws = [
+            float(form.loss(dict(zip(names, row, strict=True)), rung.flop_params, tokens))
+            for row in fit.bootstrap
+        ]
+        tail = 50.0 * (1.0 - level)
+        low, high = np.nanpercentile(draws, [tail, 100.0 - tail])
+        interval = (float(low), float(high))
+    return Check(design, len(fitted), fit.params, fit.warnings, n_opt, rung, run, tokens,
+                 predicted, interval, level)  # fmt: skip
+
+
+def check_plan(plan: Plan, check: Check) -> Plan:
+    """The check as a ladder of its own (study ``<name>-check``: one stage, one run), so the
+    study file, the engine and the runs table treat it as they treat the ladder's runs."""
+    spec = plan.spec.model_copy(update={"name": f"{plan.spec.name}-check"})
+    runs = with_lrs([check.run], spec.lrs)
+    return replace(plan, spec=spec, rungs=[*plan.rungs, check.rung], runs=runs)
+
+
+def check_result(check: Check, row: Mapping[str, Any] | None) -> dict[str, Any]:
+    """The check's report: the law, its run, the prediction and (once trained) the error."""
+    rung = check.rung
+    result: dict[str, Any] = {
+        "design": check.design,
+        "fitted_runs": check.fitted_runs,
+        "law": check.law,
+        "warnings": check.warnings,
+        "n_opt": check.n_opt,
+        "shape": {"n_layer": rung.n_layer, "d_model": rung.d_model, "n_head": rung.n_head},
+        "params": rung.flop_params,
+        "tokens": check.tokens,
+        "steps": check.run.steps,
+        "budget": check.run.budget_flops,
+        "predicted": check.predicted,
+        "interval": list(check.interval),
+        "level": check.level,
+        "measured": None,
+        "error": None,
+        "covered": None,
+    }
+    if row is not None:
+        measured = float(row["loss"])
+        low, high = check.interval
+        result.update(
+            measured=measured,
+            error=check.predicted / measured - 1.0,
+            covered=bool(low <= measured <= high),
+            run_id=row.get("run_id"),
+            seconds=row.get("seconds"),
+        )
+    return result
+
+
+def rung_near(plan: Plan, flop_params: float) -> Rung:
+    """The GPT shape (planner.shape's family) whose FLOP-equivalent N is nearest `flop_params`:
+    shape_for sizes by non-embedding parameters, so the targets below `flop_params` (the head
+    and attention are the rest) are searched."""
+    from planner.shape import shape_for
+
+    index = len(plan.rungs)
+    smallest = 12 * 16**2
+    found: dict[tuple[int, int], Rung] = {}
+    low = max(float(smallest), flop_params / 64.0)
+    for k in range(121):
+        target = low * (max(flop_params, low) * 2.0 / low) ** (k / 120)
+        shape = shape_for(target, seq_len=plan.config.data.block_size)
+        if (shape.n_layer, shape.d_model) not in found:
+            found[(shape.n_layer, shape.d_model)] = _rung(index, target, shape, plan.config)
+    return min(found.values(), key=lambda r: abs(math.log(r.flop_params / flop_params)))
 
 
 def _rung(index: int, target: float, shape: Any, config: Any) -> Rung:
@@ -295,6 +488,8 @@ def study_file(plan: Plan, base: Path, runs_dir: Path) -> dict[str, Any]:
             "log_every": every,
             "checkpoint_every": 0,
         }
+        if run.lr is not None:
+            overrides["optimizer.lr"] = run.lr
         stage: dict[str, Any] = {
             "name": run.stage,
             "sampler": "random",
@@ -313,13 +508,15 @@ def study_file(plan: Plan, base: Path, runs_dir: Path) -> dict[str, Any]:
             )
         if run.role == "stable":
             branches = sorted(
-                c.start_step for c in plan.runs if c.role == "cooldown" and c.size == run.size
+                c.start_step
+                for c in plan.runs
+                if c.role == "cooldown" and c.size == run.size and c.lr == run.lr
             )
             overrides["checkpoint_at"] = branches
             overrides["keep_checkpoints"] = len(branches) + 1
-            stable_dirs[run.size] = trial_path(spec.name, f"{run.stage}-0", runs_dir)
+            stable_dirs[run.size, run.lr] = trial_path(spec.name, f"{run.stage}-0", runs_dir)
         if run.role == "cooldown":
-            folder = stable_dirs[run.size] / "checkpoints"
+            folder = stable_dirs[run.size, run.lr] / "checkpoints"
             stage["start_from"] = str(folder / f"step_{run.start_step:07d}.pt")
         stages.append(stage)
     return {
@@ -369,6 +566,7 @@ def runs_table(plan: Plan, reports: Sequence[Any]) -> tuple[list[dict[str, Any]]
                     "tokens": tokens,
                     "flops": FLOPS_PER_PARAM_TOKEN * rung.flop_params * tokens,
                     "loss": result["final_val_loss"],
+                    "lr": plan.config.optimizer.lr if run.lr is None else run.lr,
                     "steps": result["steps"],
                     "trained_flops": plan.flops(run),
                     "seconds": trial.get("seconds"),
@@ -387,6 +585,25 @@ def runs_table(plan: Plan, reports: Sequence[Any]) -> tuple[list[dict[str, Any]]
                     }
                 )
     return rows, curves
+
+
+def best_of_lrs(
+    rows: Sequence[Mapping[str, Any]], curves: Sequence[Mapping[str, Any]]
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]], list[str]]:
+    """Per point (design, role, size, budget) the run of the lowest loss over its learning
+    rates, those runs' curves, and a line per point whose best LR is the grid's smallest or
+    largest (the optimum may lie outside it)."""
+    points: dict[tuple[Any, ...], list[Mapping[str, Any]]] = {}
+    for row in rows:
+        points.setdefault((row["design"], row["role"], row["size"], row["budget"]), []).append(row)
+    best = [min(tried, key=lambda r: r["loss"]) for tried in points.values()]
+    edges = []
+    for tried, chosen in zip(points.values(), best, strict=True):
+        lrs = sorted(r["lr"] for r in tried)
+        if len(lrs) > 1 and chosen["lr"] in (lrs[0], lrs[-1]):
+            edges.append(f"{chosen['run']}: best lr {chosen['lr']:g} is at the edge of {lrs}")
+    kept = {row["run"] for row in best}
+    return [dict(r) for r in best], [dict(c) for c in curves if c["run"] in kept], edges
 
 
 def savings(plan: Plan) -> dict[str, Any] | None:
@@ -425,13 +642,11 @@ def three_approaches(
     """Hoffmann et al.'s three approaches on a ladder's tables, side by side: the exponent a
     of N_opt ∝ C^a and N_opt at `at_flops`, or why an approach could not be fitted.
     Approach 1 reads every curve; 2 the IsoFLOP runs; 3 (parametric) every run's final loss."""
-    import numpy as np
 
     from planner.envelope import fit_envelope, load_curves
     from planner.errors import InputError
     from planner.fit import fit_law
     from planner.isoflop import fit_isoflop
-    from planner.laws import FORMS
     from planner.runs import load_runs
 
     rows: list[dict[str, Any]] = []
@@ -459,9 +674,7 @@ def three_approaches(
         result = fit_law(runs.n_params, runs.n_tokens, runs.loss, bootstrap=0)
         params = result.params
         a = params["beta"] / (params["alpha"] + params["beta"])
-        with np.errstate(all="ignore"):
-            optimum = np.asarray(FORMS["chinchilla"].optimal_n(params, at_flops))
-        n_opt = float(optimum.real) if np.isrealobj(optimum) and np.isfinite(optimum) else None
+        n_opt = _optimal_n(params, at_flops)
         note = "; ".join(result.warnings) or "fitted on all final losses"
         if n_opt is None:
             note = (
@@ -473,6 +686,20 @@ def three_approaches(
     attempt("2: IsoFLOP parabolas", isoflop)
     attempt("3: parametric L(N, D)", parametric)
     return rows
+
+
+def _optimal_n(params: Mapping[str, float], compute_flops: float) -> float | None:
+    """Chinchilla's N_opt at `compute_flops`, or None where the law has no finite optimum (a
+    negative exponent makes it complex or infinite)."""
+    import numpy as np
+
+    from planner.laws import FORMS
+
+    with np.errstate(all="ignore"):
+        optimum = np.asarray(FORMS["chinchilla"].optimal_n(params, compute_flops))
+    if not np.isrealobj(optimum) or not np.isfinite(optimum) or optimum <= 0:
+        return None
+    return float(optimum)
 
 
 def _interval_note(interval: tuple[float, float]) -> str:

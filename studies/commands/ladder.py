@@ -35,6 +35,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from studies.commands.sweep import run_study_reports
     from studies.ladder import (
+        best_of_lrs,
         load_ladder,
         plan_dict,
         plan_ladder,
@@ -62,7 +63,12 @@ def run(args: argparse.Namespace) -> int:
     study = prepare_study(study_path, tracking_uri=args.tracking_uri)
     _, reports = run_study_reports(study, runs_dir=out, study_file=study_path, quiet=args.json)
     rows, curves = runs_table(plan, reports)
-    for name, table in (("runs.csv", rows), ("curves.csv", curves)):
+    tables = {"lr-sweep.csv": rows} if spec.lrs else {}
+    edges: list[str] = []
+    if spec.lrs:  # a point is its best learning rate's run
+        rows, curves, edges = best_of_lrs(rows, curves)
+    tables.update({"runs.csv": rows, "curves.csv": curves})
+    for name, table in tables.items():
         if table:
             write_text_atomic(out / name, _csv(table))
     approaches = []
@@ -70,11 +76,14 @@ def run(args: argparse.Namespace) -> int:
         approaches = three_approaches(
             out / "runs.csv", out / "curves.csv", at_flops=spec.budgets[-1]
         )
+    check = _run_check(plan, rows, base, out, args) if spec.check and rows else None
     payload = {
         **summary,
         "runs_table": str(out / "runs.csv"),
         "finished": len(rows),
+        "lr_edges": edges,
         "approaches": approaches,
+        "check": check,
     }
     write_json(payload, out / "ladder.json")
     if args.json:
@@ -82,10 +91,75 @@ def run(args: argparse.Namespace) -> int:
         return 0
     _print_plan(plan, summary, as_json=False)
     _print_rows(rows)
+    for line in edges:
+        print(f"warning: {line}")
     _print_approaches(approaches, spec.budgets[-1])
+    _print_check(check)
     print(f"runs table: {out / 'runs.csv'} (scaleplan fit {out / 'runs.csv'})")
     print(f"curves: {out / 'curves.csv'}; study: {study_path}")
     return 0
+
+
+def _run_check(
+    plan: Any, rows: list[dict[str, Any]], base: Path, out: Path, args: argparse.Namespace
+) -> dict[str, Any]:
+    """The extrapolation check (studies.ladder.plan_check): its own one-run study in `out`,
+    resumable like the ladder's. A law with no finite optimum is reported, not trained."""
+    from planner.errors import InputError
+    from studies.commands.sweep import run_study_reports
+    from studies.ladder import (
+        best_of_lrs,
+        check_plan,
+        check_result,
+        plan_check,
+        runs_table,
+        study_file,
+    )
+    from studies.sweep import prepare_study
+    from studies.transfer import write_study_file
+
+    try:
+        check = plan_check(plan, rows)
+    except InputError as error:
+        return {"skipped": str(error)}
+    checked = check_plan(plan, check)
+    raw = study_file(checked, base, out)
+    path = write_study_file(raw, out / "check-study.yaml", by=f"scaleplan ladder {args.ladder}")
+    study = prepare_study(path, tracking_uri=args.tracking_uri)
+    _, reports = run_study_reports(study, runs_dir=out, study_file=path, quiet=args.json)
+    trained, _ = runs_table(checked, reports)
+    best = best_of_lrs(trained, [])[0] if trained else []
+    return check_result(check, best[0] if best else None)
+
+
+def _print_check(check: dict[str, Any] | None) -> None:
+    if not check:
+        return
+    if "skipped" in check:
+        print(f"extrapolation check not trained: {check['skipped']}")
+        return
+    shape = check["shape"]
+    low, high = check["interval"]
+    measured = "-" if check["measured"] is None else output.fixed(check["measured"], 4)
+    error = "-" if check["error"] is None else f"{check['error']:+.1%}"
+    covered = {None: "-", True: "yes", False: "no"}[check["covered"]]
+    output.print_table(
+        f"Extrapolation check at {check['budget']:.3g} FLOPs ({check['design']} runs below it "
+        "fitted, Approach 3)",
+        ["N_opt (law)", "trained shape", "N", "tokens", "predicted", "measured", "error",
+         f"in {check['level']:.0%} interval"],
+        [[
+            output.count(check["n_opt"]),
+            f"{shape['n_layer']} x {shape['d_model']}, {shape['n_head']} heads",
+            output.count(check["params"]),
+            output.count(check["tokens"]),
+            f"{check['predicted']:.4f} [{low:.4f}, {high:.4f}]",
+            measured,
+            error,
+            covered,
+        ]],
+        caption="; ".join(check["warnings"]),
+    )  # fmt: skip
 
 
 def _csv(rows: list[dict[str, Any]]) -> str:
@@ -131,7 +205,9 @@ def _steps_cell(plan: Any, size: int, budget: int) -> str:
     runs = [r for r in plan.runs if r.size == size and r.budget == budget]
     if not runs:
         return "-"
-    return ", ".join(f"{r.design} {r.steps} steps" for r in runs)
+    lrs = len(plan.spec.lrs or [None])
+    cells = dict.fromkeys(f"{r.design} {r.steps} steps" for r in runs)  # one per LR: once
+    return ", ".join(cells) + (f" (x {lrs} lrs)" if lrs > 1 else "")
 
 
 def _caption(plan: Any, summary: dict[str, Any]) -> str:
@@ -153,7 +229,7 @@ def _print_rows(rows: list[dict[str, Any]]) -> None:
         return
     output.print_table(
         "Finished runs",
-        ["run", "design", "params", "budget", "tokens", "val loss", "time"],
+        ["run", "design", "params", "budget", "tokens", "lr", "val loss", "time"],
         [
             [
                 row["run"],
@@ -161,6 +237,7 @@ def _print_rows(rows: list[dict[str, Any]]) -> None:
                 output.count(row["params"]),
                 f"{row['budget']:.3g}",
                 output.count(row["tokens"]),
+                f"{row['lr']:.3g}",
                 output.fixed(row["loss"], 4),
                 output.duration(row["seconds"]),
             ]

@@ -66,4 +66,9 @@ def test_fit_writes_a_law_file_that_plan_reads(
     loss_law.write_text(json.dumps({"name": "x", "form": "chinchilla"}))
     assert main(["plan", "--compute", "1e19", "--hparams", str(loss_law)]) == 2
     assert "is not a hyperparameter law" in capsys.readouterr().err
+    # and the other way round: a hyperparameter law is not a loss law
+    assert main(["plan", "--compute", "1e19", "--law", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "a hyperparameter law (kind hparams), not a loss law; it goes to --hparams" in err
+    assert len(err.strip().splitlines()) == 1
     assert save_hparam_law(load_hparam_law(str(out)), tmp_path / "again.json").is_file()

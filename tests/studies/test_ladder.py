@@ -9,11 +9,13 @@ import json
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import yaml
 
+from planner.laws import FORMS
 from studies.cli import main
-from studies.ladder import LadderSpec, plan_ladder, savings
+from studies.ladder import LadderSpec, plan_ladder, rung_near, savings
 
 BASE = {
     "steps": 100,
@@ -31,6 +33,7 @@ LADDER: dict[str, Any] = {
     "sizes": [4e3, 1.2e4, 3.6e4],
     "budgets": [1e9, 3e9],
     "min_steps": 10,
+    "check": False,
 }
 
 
@@ -103,6 +106,11 @@ def test_a_ladder_trains_into_a_runs_table_that_fit_reads(
         ({"sizes": [4e3, 4.1e3, 1e4]}, "give the same GPT shape twice"),
         ({"base": "missing.yaml"}, "base: 'missing.yaml' is not a file"),
         ({"sizes": [10, 1e4]}, "sizes[0]: params: 10 non-embedding parameters is below"),
+        ({"check": True}, "check: 3 isoflop runs below the largest budget 3e+09 FLOPs"),
+        (
+            {"check": True, "designs": ["isoflop"], "check_design": "wsd"},
+            "check_design: 'wsd' is not one of the ladder's designs ['isoflop']",
+        ),
     ],
 )
 def test_bad_ladders_are_one_line_and_exit_2(
@@ -119,3 +127,93 @@ def test_dry_run_prints_the_plan(tmp_path: Path, capsys: pytest.CaptureFixture[s
     assert main(["ladder", str(write(tmp_path)), "--dry-run", "--json"]) == 0
     shown = json.loads(capsys.readouterr().out)
     assert len(shown["runs"]) == 12 and shown["savings"]["points"] == 6
+
+
+def test_the_check_fits_below_the_largest_budget_and_trains_the_law_s_optimum(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A ladder this small has no optimum inside its sizes (the smallest wins everywhere), so
+    # the fit sees the ladder's own (N, D) points with losses from a known Chinchilla surface
+    # whose optimum at 2e9 FLOPs is about 7k parameters; the check run still trains for real.
+    import planner.fit
+
+    surface = {"E": 1.5, "A": 207.0, "B": 400.0, "alpha": 0.35, "beta": 0.35}
+    real_fit = planner.fit.fit_law
+
+    def fit_the_surface(n: Any, d: Any, loss: Any, **options: Any) -> Any:
+        n, d = np.asarray(n, dtype=float), np.asarray(d, dtype=float)
+        return real_fit(n, d, FORMS["chinchilla"].loss(surface, n, d), **options)
+
+    monkeypatch.setattr(planner.fit, "fit_law", fit_the_surface)
+    changes = {"designs": ["isoflop"], "budgets": [5e8, 1e9, 2e9], "check": True}
+    path, out = write(tmp_path, **changes), tmp_path / "out"
+    assert main(["ladder", str(path), "--out", str(out), "--tracking-uri", "none", "--json"]) == 0
+    check = json.loads(capsys.readouterr().out)["check"]
+    assert check["fitted_runs"] == 6 and check["budget"] == 2e9  # the 5e8 and 1e9 runs
+    assert check["law"]["alpha"] == pytest.approx(0.35, rel=1e-3)
+    n_opt = float(FORMS["chinchilla"].optimal_n(surface, 2e9))
+    assert check["n_opt"] == pytest.approx(n_opt, rel=1e-2)
+    # the run trained is that optimum: the shape nearest N_opt, D = C / (6 N) in whole steps
+    assert 0.5 < check["params"] / n_opt < 2.0  # widths step by 16 here: 4.1k, 14.4k
+    assert check["tokens"] == check["steps"] * 128
+    assert abs(6 * check["params"] * check["tokens"] / 2e9 - 1) < 0.05
+    expected = float(FORMS["chinchilla"].loss(surface, check["params"], check["tokens"]))
+    assert check["predicted"] == pytest.approx(expected, rel=1e-4)
+    assert check["measured"] < 5.0  # it trained (5.55 untrained)
+    assert check["error"] == pytest.approx(check["predicted"] / check["measured"] - 1)
+    low, high = check["interval"]
+    assert check["covered"] == (low <= check["measured"] <= high)
+    assert json.loads((out / "ladder.json").read_text())["check"] == check
+    study = yaml.safe_load((out / "check-study.yaml").read_text())
+    assert [stage["name"] for stage in study["stages"]] == ["check"]
+
+
+def test_rung_near_finds_the_shape_whose_flop_equivalent_n_is_nearest() -> None:
+    plan = plan_ladder(LadderSpec(**LADDER), BASE)
+    for rung in plan.rungs:  # a ladder size is found again from its own N
+        found = rung_near(plan, rung.flop_params)
+        assert (found.n_layer, found.d_model) == (rung.n_layer, rung.d_model)
+    target = (plan.rungs[1].flop_params * plan.rungs[2].flop_params) ** 0.5
+    between = rung_near(plan, target)
+    assert between.index == len(plan.rungs)  # a rung of its own, after the ladder's
+    miss = abs(np.log(between.flop_params / target))
+    assert miss <= min(abs(np.log(r.flop_params / target)) for r in plan.rungs)
+
+
+def test_with_lrs_every_point_trains_at_each_lr_and_cool_downs_branch_off_their_own_lr(
+    tmp_path: Path,
+) -> None:
+    from studies.ladder import study_file
+
+    plan = plan_ladder(LadderSpec(**{**LADDER, "lrs": [3e-3, 1e-2]}), BASE)
+    assert len(plan.runs) == 2 * len(plan_ladder(LadderSpec(**LADDER), BASE).runs)
+    assert {r.lr for r in plan.runs} == {3e-3, 1e-2}
+    stages = {s["name"]: s for s in study_file(plan, tmp_path / "base.yaml", tmp_path)["stages"]}
+    for run in plan.runs:
+        stage = stages[run.stage]
+        assert stage["overrides"]["optimizer.lr"] == run.lr
+        if run.role == "cooldown":  # from the stable run of the same size and LR
+            j = [3e-3, 1e-2].index(run.lr)
+            assert f"wsd-n{run.size}-lr{j}-0" in stage["start_from"]
+
+
+def test_a_tuned_ladder_keeps_each_point_s_best_lr(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    lrs = [1e-3, 3e-2]
+    path = write(tmp_path, designs=["wsd"], lrs=lrs)
+    out = tmp_path / "out"
+    assert main(["ladder", str(path), "--out", str(out), "--tracking-uri", "none", "--json"]) == 0
+    shown = json.loads(capsys.readouterr().out)
+    tried = list(csv.DictReader((out / "lr-sweep.csv").open()))
+    kept = list(csv.DictReader((out / "runs.csv").open()))
+    assert len(tried) == 12 and len(kept) == 6 == shown["finished"]
+    for row in kept:  # the lowest loss of its point's two runs
+        point = [t for t in tried if (t["role"], t["size"], t["budget"]) == (row["role"],
+                 row["size"], row["budget"])]  # fmt: skip
+        assert {float(t["lr"]) for t in point} == set(lrs)
+        assert float(row["loss"]) == min(float(t["loss"]) for t in point)
+    # two LRs: every best is at an edge of the grid, and the ladder says so
+    assert len(shown["lr_edges"]) == 6
+    curves = list(csv.DictReader((out / "curves.csv").open()))
+    assert {c["run"] for c in curves} == {row["run"] for row in kept}
