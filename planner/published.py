@@ -52,8 +52,10 @@ class Law(BaseModel):
     form: Literal["chinchilla", "kaplan", "allocation"] = Field(description="Parametric form.")
     params: dict[str, float] = Field(default_factory=dict, description="The form's parameters.")
     citation: str = Field(description="Where the numbers come from.")
-    n_counts: Literal["total", "non-embedding"] = Field(
-        "total", description="Whether N counts embedding parameters."
+    n_counts: Literal["total", "non-embedding", "flops"] = Field(
+        "total",
+        description="What N counts: all parameters, the non-embedding ones, or flops: training "
+        "FLOPs per token / 6 (a ladder's N, planner.shape.flop_params).",
     )
     loss_units: str = Field("nats/token", description="What the predicted loss measures.")
     allocation: Allocation | None = Field(

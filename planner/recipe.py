@@ -3,7 +3,8 @@ schedule and a trainer config, with the GPU time and the memory and parallelism 
 
 - N and D, the loss and its interval: `planner.allocate.compute_optimal` (the law's).
 - The shape: `planner.shape.shape_for` (non-embedding N; a law counting all parameters has the
-  embedding of the shape it gets taken out first).
+  embedding of the shape it gets taken out first; a ladder's law, N = FLOPs per token / 6,
+  gets the shape whose `flop_params` is nearest).
 - Peak LR and batch: a hyperparameter law in C (DeepSeek LLM's, or one fitted to your tuned
   runs), bounded by a measured B_crit carried to the predicted loss when given, as
   `compute_optimal` gives them; the batch in whole sequences.
@@ -26,7 +27,7 @@ from planner.hardware import peak_flops
 from planner.hparams import DEEPSEEK2024, HparamLaw
 from planner.memory import AUTOCAST, StateBytes, Transformer, plan_splits, suggest_split
 from planner.published import Law
-from planner.shape import shape_for
+from planner.shape import shape_for, shape_for_flop_params
 
 WARMUP_FRACTION, MAX_WARMUP = 0.02, 2000
 MIN_LR_RATIO = 0.1
@@ -35,6 +36,8 @@ MIN_LR_RATIO = 0.1
 def _shape(law: Law, n_params: float, seq_len: int, vocab_size: int) -> Transformer:
     if law.n_counts == "non-embedding":
         return shape_for(n_params, seq_len=seq_len, vocab_size=vocab_size)
+    if law.n_counts == "flops":  # a ladder's law: N is FLOPs per token / 6
+        return shape_for_flop_params(n_params, seq_len=seq_len, vocab_size=vocab_size)
     target = n_params  # total: take the embedding of the shape out, a few times over
     shape = shape_for(target, seq_len=seq_len, vocab_size=vocab_size)
     for _ in range(5):

@@ -63,3 +63,33 @@ def shape_for(
         seq_len=seq_len,
         vocab_size=vocab_size,
     )
+
+
+def flop_params(shape: Transformer) -> float:
+    """The FLOP-equivalent parameter count: training FLOPs per token over 6, i.e. the
+    non-embedding N plus attention's scores and values, 2 L d n_ctx (Kaplan et al. 2020, Table
+    1: C_forward = 2N + 2 L n_ctx d; the trainer's count), the LM head left out as in Kaplan."""
+    return shape.n_params_non_embedding + 2.0 * shape.n_layer * shape.d_model * shape.seq_len
+
+
+def shape_for_flop_params(
+    n_flop_params: float, *, seq_len: int = 1024, vocab_size: int = 50304
+) -> Transformer:
+    """The shape (of `shape_for`'s family) whose `flop_params` is nearest `n_flop_params`: a law
+    fitted to a ladder's table counts N this way. Attention is the larger share of a small
+    model at a long context, so the non-embedding targets below N are searched."""
+    n = float(n_flop_params)
+    smallest = 12.0 * 16**2
+    if not math.isfinite(n) or n < smallest:
+        raise InputError(
+            f"params: {n_flop_params:g} FLOP-equivalent parameters is below the smallest GPT "
+            f"this sizes (one layer of width 16: {smallest + 2 * 16 * seq_len:g} at context "
+            f"{seq_len})"
+        )
+    low = max(smallest, n / 64.0)
+    targets = [low * (2.0 * n / low) ** (k / 120) for k in range(121)]
+    shapes: dict[tuple[int, int], Transformer] = {}
+    for target in targets:
+        shape = shape_for(target, seq_len=seq_len, vocab_size=vocab_size)
+        shapes.setdefault((shape.n_layer, shape.d_model), shape)
+    return min(shapes.values(), key=lambda s: abs(math.log(flop_params(s) / n)))

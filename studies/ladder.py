@@ -3,11 +3,12 @@ data and architecture, into a runs table that `scaleplan fit` reads.
 
 Sizes are non-embedding parameter counts; each becomes a GPT shape (`planner.shape`) at the
 base config's sequence length. The N the table records (``params``) is FLOP-equivalent: the
-trainer's FLOPs per token of that shape over 6, its LM head and attention included, so that a
-budget C buys D = C / (6 N) tokens, rounded to whole steps of the base config's batch, and
-6 N D is what the run costs (Porian et al. 2024, arXiv:2406.19146: leaving the last layer out
-of small models' compute is what bent Kaplan's exponent); ``params_non_embedding`` is beside
-it. Two designs:
+trainer's FLOPs per token of that shape over 6, attention's scores and values included
+(Kaplan et al. 2020, Table 1; ``planner.shape.flop_params``), so that a budget C buys
+D = C / (6 N) tokens, rounded to whole steps of the base config's batch, and 6 N D is what the
+run costs. The LM head's FLOPs are left out, as Kaplan et al. do; Porian et al. 2024
+(arXiv:2406.19146) count them, and for a byte-level model they are small beside attention at
+context 128 (d x 256 against 2 L d x 128). ``params_non_embedding`` is beside it. Two designs:
 
 - ``isoflop`` (Hoffmann et al. 2022, Approach 2): every size at every budget, a run each, its
   cosine schedule as long as the run. A budget needs at least 3 sizes that fit it (``min_steps``
@@ -108,8 +109,8 @@ class LadderSpec(BaseModel):
 @dataclass(frozen=True)
 class Rung:
     """One size: its GPT shape, the trainer's count of its non-embedding parameters, and its
-    FLOP-equivalent parameter count: the trainer's FLOPs per token over 6, head and attention
-    included, so that 6 N D is what a run costs."""
+    FLOP-equivalent parameter count: the trainer's FLOPs per token over 6, attention included,
+    so that 6 N D is what a run costs."""
 
     index: int
     target: float
@@ -432,28 +433,18 @@ def check_result(check: Check, row: Mapping[str, Any] | None) -> dict[str, Any]:
 
 
 def rung_near(plan: Plan, flop_params: float) -> Rung:
-    """The GPT shape (planner.shape's family) whose FLOP-equivalent N is nearest `flop_params`:
-    shape_for sizes by non-embedding parameters, so the targets below `flop_params` (the head
-    and attention are the rest) are searched."""
-    from planner.shape import shape_for
+    """The GPT shape (planner.shape's family) whose FLOP-equivalent N is nearest `flop_params`,
+    a rung after the ladder's own."""
+    from planner.shape import shape_for_flop_params
 
-    index = len(plan.rungs)
-    smallest = 12 * 16**2
-    found: dict[tuple[int, int], Rung] = {}
-    low = max(float(smallest), flop_params / 64.0)
-    for k in range(121):
-        target = low * (max(flop_params, low) * 2.0 / low) ** (k / 120)
-        shape = shape_for(target, seq_len=plan.config.data.block_size)
-        if (shape.n_layer, shape.d_model) not in found:
-            found[(shape.n_layer, shape.d_model)] = _rung(index, target, shape, plan.config)
-    return min(found.values(), key=lambda r: abs(math.log(r.flop_params / flop_params)))
+    shape = shape_for_flop_params(flop_params, seq_len=plan.config.data.block_size)
+    return _rung(len(plan.rungs), flop_params, shape, plan.config)
 
 
 def _rung(index: int, target: float, shape: Any, config: Any) -> Rung:
     """Size `index` as `shape`, with the trainer's own counts: non-embedding parameters, and
-    FLOPs per token over 6 (the LM head and attention are a large share of a tiny model's
-    compute; counting them is one of the corrections of Porian et al. 2024, arXiv:2406.19146,
-    sec. 3)."""
+    FLOPs per token over 6 (attention is a large share of a tiny model's compute: 2.3x the
+    non-embedding count for one layer of width 16 at context 128)."""
     import torch
 
     from studies.trainer_config import tokens_per_step
@@ -562,6 +553,7 @@ def runs_table(plan: Plan, reports: Sequence[Any]) -> tuple[list[dict[str, Any]]
                     "d_model": rung.d_model,
                     "params": round(rung.flop_params),
                     "params_non_embedding": rung.n_params,
+                    "n_counts": "flops",  # params: FLOPs per token / 6 (`fit` records it)
                     "budget": run.budget_flops,
                     "tokens": tokens,
                     "flops": FLOPS_PER_PARAM_TOKEN * rung.flop_params * tokens,
@@ -604,6 +596,29 @@ def best_of_lrs(
             edges.append(f"{chosen['run']}: best lr {chosen['lr']:g} is at the edge of {lrs}")
     kept = {row["run"] for row in best}
     return [dict(r) for r in best], [dict(c) for c in curves if c["run"] in kept], edges
+
+
+def hparam_optima(
+    plan: Plan, rows: Sequence[Mapping[str, Any]], design: Design
+) -> list[dict[str, Any]]:
+    """Per budget, the learning rate and batch of the design's lowest-loss run there: the
+    table `scaleplan fit --approach hparams` fits eta_opt(C) and B_opt(C) to (DeepSeek-AI
+    2024's form). Only the LR is tuned (``lrs``); the batch is the base config's."""
+    best: dict[float, Mapping[str, Any]] = {}
+    for row in rows:
+        if row["design"] == design and row["loss"] <= best.get(row["budget"], row)["loss"]:
+            best[row["budget"]] = row
+    return [
+        {
+            "flops": budget,
+            "lr": row["lr"],
+            "batch_tokens": plan.tokens_per_step,
+            "loss": row["loss"],
+            "params": row["params"],
+            "run": row["run"],
+        }
+        for budget, row in sorted(best.items())
+    ]
 
 
 def savings(plan: Plan) -> dict[str, Any] | None:

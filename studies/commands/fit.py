@@ -86,6 +86,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="COLUMN=VALUE",
         help="keep only rows where COLUMN equals VALUE",
     )
+    parser.add_argument(
+        "--n-counts",
+        choices=("total", "non-embedding", "flops"),
+        help="what the table's N counts, written into the law for `plan` to size a shape: "
+        "total or non-embedding parameters, or flops (FLOPs per token / 6, a ladder's); "
+        "default: the table's n_counts column, else total",
+    )
     parser.add_argument("--name", help="law name in the file (default: the --out file's stem)")
     parser.add_argument("--plots", metavar="DIR", help="write PNG figures into DIR")
     parser.add_argument("--json", action="store_true", help="print JSON instead of tables")
@@ -139,6 +146,8 @@ def run(args: argparse.Namespace) -> int:
 def _finish(law: Any, summary: dict[str, Any], args: argparse.Namespace) -> None:
     from planner.published import save_law
 
+    law = law.model_copy(update={"n_counts": _n_counts(args)})
+    summary["n_counts"] = law.n_counts
     if args.out:
         summary["law_file"] = str(save_law(law, args.out))
     for warning in summary.get("warnings", []):
@@ -151,6 +160,26 @@ def _finish(law: Any, summary: dict[str, Any], args: argparse.Namespace) -> None
             f"law written to {args.out}; use it with: scaleplan plan --law {args.out}"
             " --compute 1e21"
         )
+
+
+def _n_counts(args: argparse.Namespace) -> str:
+    """--n-counts, else the table's one n_counts value (a ladder writes flops), else total."""
+    from planner.errors import InputError
+    from planner.runs import read_table
+
+    if args.n_counts:
+        return str(args.n_counts)
+    frame = read_table(args.runs)
+    if "n_counts" not in frame.columns:
+        return "total"
+    values = sorted(set(frame["n_counts"].astype(str)))
+    allowed = ("total", "non-embedding", "flops")
+    if len(values) != 1 or values[0] not in allowed:
+        raise InputError(
+            f"{args.runs}: n_counts column has {values}; expected one of {list(allowed)} for "
+            "every row (or pass --n-counts)"
+        )
+    return values[0]
 
 
 def _parametric(runs: Any, name: str, args: argparse.Namespace) -> int:

@@ -36,6 +36,8 @@ def run(args: argparse.Namespace) -> int:
     from studies.commands.sweep import run_study_reports
     from studies.ladder import (
         best_of_lrs,
+        check_design,
+        hparam_optima,
         load_ladder,
         plan_dict,
         plan_ladder,
@@ -68,6 +70,8 @@ def run(args: argparse.Namespace) -> int:
     if spec.lrs:  # a point is its best learning rate's run
         rows, curves, edges = best_of_lrs(rows, curves)
     tables.update({"runs.csv": rows, "curves.csv": curves})
+    if spec.lrs:  # each budget's tuned optimum: what `fit --approach hparams` reads
+        tables["hparams.csv"] = hparam_optima(plan, rows, check_design(spec))
     for name, table in tables.items():
         if table:
             write_text_atomic(out / name, _csv(table))
@@ -97,6 +101,11 @@ def run(args: argparse.Namespace) -> int:
     _print_check(check)
     print(f"runs table: {out / 'runs.csv'} (scaleplan fit {out / 'runs.csv'})")
     print(f"curves: {out / 'curves.csv'}; study: {study_path}")
+    if spec.lrs:
+        print(
+            f"tuned optima per budget: {out / 'hparams.csv'} (scaleplan fit "
+            f"{out / 'hparams.csv'} --approach hparams; the batch was not tuned)"
+        )
     return 0
 
 

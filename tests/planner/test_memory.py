@@ -95,3 +95,24 @@ def test_every_shape_is_near_its_count_and_in_kaplans_flat_region() -> None:
         assert shape.d_model % shape.n_head == 0
     with pytest.raises(InputError, match="below the smallest GPT"):
         shape_for(100)
+
+
+def test_flop_params_is_the_trainer_s_flops_per_token_over_6() -> None:
+    import torch
+
+    from planner.shape import flop_params, shape_for_flop_params
+    from trainer.models import build_model
+    from trainer.models.gpt import GPTConfig
+
+    for n_layer, d_model, seq_len in ((1, 32, 128), (2, 96, 128), (12, 768, 1024)):
+        shape = Transformer(n_layer, d_model, d_model // 16, seq_len, 256)
+        config = GPTConfig(n_layer=n_layer, d_model=d_model, n_head=d_model // 16,
+                           block_size=seq_len)  # fmt: skip
+        with torch.device("meta"):
+            model = build_model(config, vocab_size=256)
+        # norms and biases are all the planner leaves out
+        assert flop_params(shape) == pytest.approx(model.flops_per_token(seq_len) / 6, rel=0.01)
+    found = shape_for_flop_params(2.0e5, seq_len=128)
+    assert 0.8 < flop_params(found) / 2.0e5 < 1.25
+    with pytest.raises(InputError, match="FLOP-equivalent parameters is below"):
+        shape_for_flop_params(100, seq_len=128)

@@ -91,3 +91,36 @@ def test_memory_prints_zero_figure_1(capsys: pytest.CaptureFixture[str]) -> None
     assert shown["splits"][0]["fits"]
     assert main(["memory", "--shape", "32,4096,31", "--gpus", "8"]) == 2
     assert "--shape: 32,4096,31" in capsys.readouterr().err
+
+
+def test_a_ladder_law_counts_flops_and_its_recipe_spends_the_budget(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # a law fitted to a ladder's table: N is FLOPs per token / 6 (attention included), which at
+    # context 128 is 1.3-2.3x a small model's non-embedding count; its recipe must spend C
+    law = {"E": 1.0, "A": 50.0, "B": 300.0, "alpha": 0.4, "beta": 0.35}
+    runs = tmp_path / "runs.csv"
+    rows = ["params,tokens,loss,n_counts"] + [
+        f"{n},{d},{law['E'] + law['A'] / n ** law['alpha'] + law['B'] / d ** law['beta']},flops"
+        for n in (1e4, 3e4, 1e5, 3e5)
+        for d in (1e6, 4e6, 1.6e7)
+    ]
+    runs.write_text("\n".join(rows) + "\n")
+    law_file = tmp_path / "ladder-law.json"
+    assert main(["fit", str(runs), "--bootstrap", "0", "--out", str(law_file), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["n_counts"] == "flops"
+    recipe_file = tmp_path / "recipe.yaml"
+    args = ["plan", "--compute", "1e12", "--law", str(law_file), "--seq-len", "128"]
+    assert main([*args, "--vocab-size", "256", "--emit-config", str(recipe_file), "--json"]) == 0
+    recipe = json.loads(capsys.readouterr().out)
+    out = tmp_path / "run"
+    assert main(["train", str(recipe_file), "--out", str(out), "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    # the trained shape's own FLOPs per token / 6 is near the law's N, and the run costs C
+    n_flops = result["flops"] / (result["steps"] * recipe["tokens_per_step"]) / 6
+    assert 0.7 < n_flops / recipe["n_params"] < 1.4
+    assert result["flops"] == pytest.approx(1e12, rel=0.4)
+    # the fit's n_counts is refused when it is not one kind
+    runs.write_text(runs.read_text().replace(",flops\n", ",total\n", 1))
+    assert main(["fit", str(runs), "--bootstrap", "0"]) == 2
+    assert "n_counts column has ['flops', 'total']" in capsys.readouterr().err
