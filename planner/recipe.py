@@ -25,9 +25,10 @@ from planner.batch import MeasuredBatch
 from planner.errors import InputError
 from planner.hardware import peak_flops
 from planner.hparams import DEEPSEEK2024, HparamLaw
+from planner.laws import FLOPS_PER_PARAM_TOKEN
 from planner.memory import AUTOCAST, StateBytes, Transformer, plan_splits, suggest_split
 from planner.published import Law
-from planner.shape import shape_for, shape_for_flop_params
+from planner.shape import flop_params, shape_for, shape_for_flop_params
 
 WARMUP_FRACTION, MAX_WARMUP = 0.02, 2000
 MIN_LR_RATIO = 0.1
@@ -75,9 +76,17 @@ def make_recipe(
         law, [compute_flops], level=level, measured_batch=measured_batch, hparams=hparams
     )
     shape = _shape(law, row["n_params"], seq_len, vocab_size)
+    # the shape hits the law's N only roughly: it trains the tokens that spend C at its own N
+    # (counted as the law counts it), D = C / (6 N_shape)
+    shape_n = {
+        "flops": flop_params(shape),
+        "non-embedding": shape.n_params_non_embedding,
+        "total": shape.n_params,
+    }[law.n_counts]
+    shape_tokens = compute_flops / (FLOPS_PER_PARAM_TOKEN * shape_n)
     batch_sequences = max(1, round(row["batch_tokens"] / seq_len))
     tokens_per_step = batch_sequences * seq_len
-    steps = max(1, math.ceil(row["n_tokens"] / tokens_per_step))
+    steps = max(1, math.ceil(shape_tokens / tokens_per_step))
     warmup = max(1, min(MAX_WARMUP, round(WARMUP_FRACTION * steps))) if steps > 1 else 0
     gpu_hours = compute_flops / (peak_flops(gpu) * mfu * 3600.0)
     recipe: dict[str, Any] = {
@@ -91,6 +100,8 @@ def make_recipe(
         },
         "shape_params_non_embedding": shape.n_params_non_embedding,
         "shape_params": shape.n_params,
+        "shape_flop_params": flop_params(shape),
+        "shape_tokens": shape_tokens,
         "batch_sequences": batch_sequences,
         "tokens_per_step": tokens_per_step,
         "steps": steps,

@@ -21,11 +21,17 @@ context 128 (d x 256 against 2 L d x 128). ``params_non_embedding`` is beside it
   of all budgets cost little more than the largest one's run: the ladder reports the FLOPs
   saved against the IsoFLOP grid for the same points.
 
-Every run is a trial of a study the ladder writes (``<out>/ladder.yaml``): one stage per run,
-so the studies engine runs them in order, resumes the ladder after a kill (finished runs stay),
-and puts every run in MLflow under one parent run. ``runs.csv`` (a row per finished run:
-design, size, budget, ``params``, ``tokens``, ``flops``, ``loss``) and ``curves.csv`` (its
-validation curve: step, tokens, loss) are what `scaleplan fit` and the approaches read.
+With ``lrs`` every point trains at each learning rate and the lowest loss is the point's.
+
+Every run is a trial of a study the ladder writes (``<out>/ladder-study.yaml``): one stage per
+run, so the studies engine runs them in order, resumes the ladder after a kill (finished runs
+stay), and puts every run in MLflow under one parent run. ``runs.csv`` (a row per point:
+design, size, budget, ``params``, ``tokens``, ``flops``, ``lr``, ``loss``) and ``curves.csv``
+(its validation curve: step, tokens, loss) are what `scaleplan fit` and the approaches read.
+
+Then the extrapolation check (`plan_check`): Approach 3 fitted on the points below the largest
+budget, the run it calls compute-optimal at the largest budget trained (study
+``<name>-check``), its loss against the prediction and the prediction's interval.
 """
 
 from __future__ import annotations
@@ -36,7 +42,14 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from studies.errors import StudyError, first_error
 
@@ -88,11 +101,21 @@ class LadderSpec(BaseModel):
         description="After the ladder: fit Approach 3 on the runs below the largest budget, "
         "train the compute-optimal run it predicts at the largest budget, report the error.",
     )
-    check_design: Design | None = Field(
+    fit_design: Design | None = Field(
         default=None,
-        description="The design whose runs the check fits and whose schedule its run trains "
-        "(None: isoflop when the ladder has it, else wsd).",
+        description="The design whose final losses Approaches 2 and 3, the check and the "
+        "tuned optima (hparams.csv) read, and whose schedule the check's run trains (None: "
+        "isoflop when the ladder has it, else wsd).",
     )
+
+    @model_validator(mode="after")
+    def _fit_design_is_trained(self) -> LadderSpec:
+        if self.fit_design is not None and self.fit_design not in self.designs:
+            raise ValueError(
+                f"fit_design: {self.fit_design!r} is not one of the ladder's designs "
+                f"{self.designs}; name one of them"
+            )
+        return self
 
     @field_validator("sizes", "budgets", "lrs")
     @classmethod
@@ -310,9 +333,9 @@ class Check:
     level: float
 
 
-def check_design(spec: LadderSpec) -> Design:
-    if spec.check_design is not None:
-        return spec.check_design
+def fitted_design(spec: LadderSpec) -> Design:
+    if spec.fit_design is not None:
+        return spec.fit_design
     return "isoflop" if "isoflop" in spec.designs else "wsd"
 
 
@@ -320,12 +343,7 @@ def _check_inputs(plan: Plan) -> None:
     """Before anything trains: the check's design is in the ladder and has enough runs below
     the largest budget for the law's five coefficients."""
     spec = plan.spec
-    design = check_design(spec)
-    if design not in spec.designs:
-        raise StudyError(
-            f"check_design: {design!r} is not one of the ladder's designs {spec.designs}; "
-            "name one of them (or check: false)"
-        )
+    design = fitted_design(spec)
     below = [r for r in plan.runs if r.design == design and r.budget < len(spec.budgets) - 1]
     if len(below) < CHECK_MIN_RUNS:
         raise StudyError(
@@ -347,7 +365,7 @@ def plan_check(
     from planner.laws import FORMS
 
     spec = plan.spec
-    design = check_design(spec)
+    design = fitted_design(spec)
     largest = spec.budgets[-1]
     fitted = [r for r in rows if r["design"] == design and r["budget"] < largest]
     fit = fit_law(
@@ -388,6 +406,24 @@ def plan_check(
         interval = (float(low), float(high))
     return Check(design, len(fitted), fit.params, fit.warnings, n_opt, rung, run, tokens,
                  predicted, interval, level)  # fmt: skip
+
+
+def ladder_twin(plan: Plan, check: Check, rows: Sequence[Mapping[str, Any]]) -> dict | None:
+    """The ladder's own finished row of the check's run, when the law's shape is one of the
+    ladder's sizes and the ladder trained it at the largest budget under the same schedule
+    (the check's run would be that run again: same config, same seed)."""
+    rung = check.rung
+    same = [r.index for r in plan.rungs if (r.n_layer, r.d_model, r.n_head) ==
+            (rung.n_layer, rung.d_model, rung.n_head)]  # fmt: skip
+    for row in rows:
+        if (
+            row["design"] == check.design
+            and row["size"] in same
+            and row["budget"] == check.run.budget_flops
+            and row["steps"] == check.run.steps
+        ):
+            return dict(row)
+    return None
 
 
 def check_plan(plan: Plan, check: Check) -> Plan:
@@ -622,17 +658,18 @@ def hparam_optima(
 
 
 def savings(plan: Plan) -> dict[str, Any] | None:
-    """The wsd design's FLOPs against the IsoFLOP grid's for the points it measures (each of
-    its runs ends in one; the IsoFLOP grid has every point that fits)."""
-    if not {"isoflop", "wsd"} <= set(plan.spec.designs):
+    """The wsd design's FLOPs against what the IsoFLOP grid would train for the same points
+    (each wsd run ends in one; there a grid run trains all of that budget's steps)."""
+    runs = [r for r in plan.runs if r.design == "wsd"]
+    if not runs:
         return None
-    common = plan.points("wsd") & plan.points("isoflop")
     iso = sum(
-        plan.flops(r) for r in plan.runs if r.design == "isoflop" and (r.size, r.budget) in common
+        FLOPS_PER_PARAM_TOKEN * plan.rungs[r.size].flop_params * r.steps * plan.tokens_per_step
+        for r in runs
     )
     wsd = plan.cost("wsd")
     return {
-        "points": len(common),
+        "points": len(plan.points("wsd")),
         "isoflop_flops": iso,
         "wsd_flops": wsd,
         "saved_fraction": 1.0 - wsd / iso if iso > 0 else None,
@@ -652,11 +689,18 @@ def plan_dict(plan: Plan) -> dict[str, Any]:
 
 
 def three_approaches(
-    runs_csv: Path, curves_csv: Path, *, at_flops: float, bootstrap: int = 200
+    runs_csv: Path,
+    curves_csv: Path,
+    *,
+    at_flops: float,
+    design: Design = "isoflop",
+    bootstrap: int = 200,
 ) -> list[dict[str, Any]]:
     """Hoffmann et al.'s three approaches on a ladder's tables, side by side: the exponent a
     of N_opt ∝ C^a and N_opt at `at_flops`, or why an approach could not be fitted.
-    Approach 1 reads every curve; 2 the IsoFLOP runs; 3 (parametric) every run's final loss."""
+    Approach 1 reads every curve; 2 and 3 the final losses of `design`'s runs (a wsd
+    cool-down's endpoint is a run of its budget, as an IsoFLOP grid's run is: Hägele et al.
+    2024, sec. 4)."""
 
     from planner.envelope import fit_envelope, load_curves
     from planner.errors import InputError
@@ -679,18 +723,18 @@ def three_approaches(
         return result.n_exponent, n_opt, _interval_note(result.n_exponent_interval)
 
     def isoflop() -> tuple[float, float | None, str]:
-        result = fit_isoflop(load_runs(runs_csv, where={"design": "isoflop"}), bootstrap=bootstrap)
+        result = fit_isoflop(load_runs(runs_csv, where={"design": design}), bootstrap=bootstrap)
         n_opt = result.n_coefficient * at_flops**result.n_exponent
         used = f"{len(result.used)} of {len(result.budgets)} budgets bracketed"
         return result.n_exponent, n_opt, f"{_interval_note(result.n_exponent_interval)}; {used}"
 
     def parametric() -> tuple[float, float | None, str]:
-        runs = load_runs(runs_csv)
+        runs = load_runs(runs_csv, where={"design": design})
         result = fit_law(runs.n_params, runs.n_tokens, runs.loss, bootstrap=0)
         params = result.params
         a = params["beta"] / (params["alpha"] + params["beta"])
         n_opt = _optimal_n(params, at_flops)
-        note = "; ".join(result.warnings) or "fitted on all final losses"
+        note = "; ".join(result.warnings) or f"fitted on the {design} runs' final losses"
         if n_opt is None:
             note = (
                 f"no finite N_opt (alpha {params['alpha']:.3g}, beta {params['beta']:.3g}); {note}"
@@ -719,3 +763,96 @@ def _optimal_n(params: Mapping[str, float], compute_flops: float) -> float | Non
 
 def _interval_note(interval: tuple[float, float]) -> str:
     return f"a in [{interval[0]:.3f}, {interval[1]:.3f}]"
+
+
+def run_ladder(
+    plan: Plan,
+    base: Path,
+    out: Path,
+    *,
+    tracking_uri: str | None = None,
+    by: str = "studies.ladder.run_ladder",
+    runner: Any = None,
+) -> dict[str, Any]:
+    """Train `plan` (its study in `out`, resumable; MLflow unless `tracking_uri` is "none"),
+    write runs.csv, curves.csv (and with ``lrs`` lr-sweep.csv, hparams.csv), fit the three
+    approaches and run the extrapolation check: what ``ladder.json`` holds, with the rows.
+    `runner(study, runs_dir, study_file)` runs a prepared study and returns its stage reports
+    (default: `studies.sweep.run_sweep_reports` without a live view)."""
+    from studies.sweep import NullView, prepare_study, run_sweep_reports
+    from studies.transfer import write_json, write_study_file
+    from trainer.tracking import write_text_atomic
+
+    def quiet_runner(study: Any, runs_dir: Path, study_file: Path) -> list[Any]:
+        return run_sweep_reports(study, runs_dir=runs_dir, view=NullView(), study_file=study_file)[
+            1
+        ]
+
+    run_study = runner or quiet_runner
+
+    def train(trained: Plan, name: str) -> list[Any]:
+        path = write_study_file(study_file(trained, base, out), out / name, by=by)
+        return list(run_study(prepare_study(path, tracking_uri=tracking_uri), out, path))
+
+    spec = plan.spec
+    out.mkdir(parents=True, exist_ok=True)  # every check before this wrote nothing
+    rows, curves = runs_table(plan, train(plan, "ladder-study.yaml"))
+    tables = {"lr-sweep.csv": rows} if spec.lrs else {}
+    edges: list[str] = []
+    if spec.lrs:  # a point is its best learning rate's run
+        rows, curves, edges = best_of_lrs(rows, curves)
+    tables.update({"runs.csv": rows, "curves.csv": curves})
+    if spec.lrs:  # each budget's tuned optimum: what `fit --approach hparams` reads
+        tables["hparams.csv"] = hparam_optima(plan, rows, fitted_design(spec))
+    for name, table in tables.items():
+        if table:
+            write_text_atomic(out / name, csv_text(table))
+    approaches = []
+    if rows and curves:
+        approaches = three_approaches(
+            out / "runs.csv", out / "curves.csv", at_flops=spec.budgets[-1],
+            design=fitted_design(spec),
+        )  # fmt: skip
+    check = None
+    if spec.check and rows:
+        check = _check(plan, rows, lambda checked: train(checked, "check-study.yaml"))
+    payload = {
+        **plan_dict(plan),
+        "runs_table": str(out / "runs.csv"),
+        "finished": len(rows),
+        "lr_edges": edges,
+        "approaches": approaches,
+        "check": check,
+    }
+    write_json(payload, out / "ladder.json")
+    return {**payload, "rows": rows}
+
+
+def _check(plan: Plan, rows: list[dict[str, Any]], train: Any) -> dict[str, Any]:
+    """The extrapolation check's report: planned from `rows`, found among them when the law's
+    shape is a ladder size, else trained by `train(plan)`. A law with no finite optimum is
+    reported, not trained."""
+    from planner.errors import InputError
+
+    try:
+        check = plan_check(plan, rows)
+    except InputError as error:
+        return {"skipped": str(error)}
+    twin = ladder_twin(plan, check, rows)
+    if twin is not None:  # the law chose a ladder size: its run at this budget is the check
+        return {**check_result(check, twin), "trained_by": twin["run"]}
+    checked = check_plan(plan, check)
+    trained, _ = runs_table(checked, train(checked))
+    best = best_of_lrs(trained, [])[0] if trained else []
+    return check_result(check, best[0] if best else None)
+
+
+def csv_text(rows: Sequence[Mapping[str, Any]]) -> str:
+    import csv
+    import io
+
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=list(rows[0]))
+    writer.writeheader()
+    writer.writerows(rows)
+    return buffer.getvalue()

@@ -157,9 +157,19 @@ def _finish(law: Any, summary: dict[str, Any], args: argparse.Namespace) -> None
         output.print_json(summary)
     elif args.out:
         print(
-            f"law written to {args.out}; use it with: scaleplan plan --law {args.out}"
-            " --compute 1e21"
+            f"law written to {args.out} (N counts {law.n_counts}); use it with: scaleplan plan "
+            f"--law {args.out} --compute 1e21"
         )
+
+
+def _finite_rows(samples: Any) -> list[list[float]] | None:
+    """The bootstrap refits whose parameters are all finite: a refit that overflowed (A or B
+    to inf) has no law to store, and JSON has no number for it."""
+    import numpy as np
+
+    if samples is None:
+        return None
+    return [list(map(float, row)) for row in samples if np.all(np.isfinite(row))]
 
 
 def _n_counts(args: argparse.Namespace) -> str:
@@ -220,7 +230,7 @@ def _parametric(runs: Any, name: str, args: argparse.Namespace) -> int:
         citation=f"fitted by scaleplan to {runs.source}",
         interval_level=args.level if result.bootstrap is not None else None,
         intervals=result.intervals,
-        bootstrap=None if result.bootstrap is None else result.bootstrap.tolist(),
+        bootstrap=_finite_rows(result.bootstrap),
         fit=fit_info,
     )
     summary = {

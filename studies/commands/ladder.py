@@ -34,21 +34,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from studies.commands.sweep import run_study_reports
-    from studies.ladder import (
-        best_of_lrs,
-        check_design,
-        hparam_optima,
-        load_ladder,
-        plan_dict,
-        plan_ladder,
-        runs_table,
-        study_file,
-        three_approaches,
-    )
-    from studies.sweep import prepare_study
-    from studies.transfer import write_json, write_study_file
+    from studies.ladder import load_ladder, plan_dict, plan_ladder, run_ladder
     from trainer.config import read_yaml_mapping
-    from trainer.tracking import write_text_atomic
 
     spec, base = load_ladder(args.ladder, args.overrides)
     out: Path = (args.out or Path("runs") / spec.name).absolute()
@@ -57,88 +44,38 @@ def run(args: argparse.Namespace) -> int:
     if args.dry_run:
         _print_plan(plan, summary, as_json=args.json)
         return 0
-    # every check above writes nothing; from here the ladder's folder
-    out.mkdir(parents=True, exist_ok=True)
-    raw = study_file(plan, base, out)
-    by = f"scaleplan ladder {args.ladder}"
-    study_path = write_study_file(raw, out / "ladder-study.yaml", by=by)
-    study = prepare_study(study_path, tracking_uri=args.tracking_uri)
-    _, reports = run_study_reports(study, runs_dir=out, study_file=study_path, quiet=args.json)
-    rows, curves = runs_table(plan, reports)
-    tables = {"lr-sweep.csv": rows} if spec.lrs else {}
-    edges: list[str] = []
-    if spec.lrs:  # a point is its best learning rate's run
-        rows, curves, edges = best_of_lrs(rows, curves)
-    tables.update({"runs.csv": rows, "curves.csv": curves})
-    if spec.lrs:  # each budget's tuned optimum: what `fit --approach hparams` reads
-        tables["hparams.csv"] = hparam_optima(plan, rows, check_design(spec))
-    for name, table in tables.items():
-        if table:
-            write_text_atomic(out / name, _csv(table))
-    approaches = []
-    if rows and curves:
-        approaches = three_approaches(
-            out / "runs.csv", out / "curves.csv", at_flops=spec.budgets[-1]
-        )
-    check = _run_check(plan, rows, base, out, args) if spec.check and rows else None
-    payload = {
-        **summary,
-        "runs_table": str(out / "runs.csv"),
-        "finished": len(rows),
-        "lr_edges": edges,
-        "approaches": approaches,
-        "check": check,
-    }
-    write_json(payload, out / "ladder.json")
+
+    def runner(study: Any, runs_dir: Path, study_file: Path) -> list[Any]:
+        return run_study_reports(study, runs_dir=runs_dir, study_file=study_file, quiet=args.json)[
+            1
+        ]
+
+    payload = run_ladder(
+        plan,
+        base,
+        out,
+        tracking_uri=args.tracking_uri,
+        by=f"scaleplan ladder {args.ladder}",
+        runner=runner,
+    )
     if args.json:
-        output.print_json({**payload, "rows": rows})
+        output.print_json(payload)
         return 0
+    rows = payload.pop("rows")
     _print_plan(plan, summary, as_json=False)
     _print_rows(rows)
-    for line in edges:
+    for line in payload["lr_edges"]:
         print(f"warning: {line}")
-    _print_approaches(approaches, spec.budgets[-1])
-    _print_check(check)
+    _print_approaches(payload["approaches"], spec.budgets[-1])
+    _print_check(payload["check"])
     print(f"runs table: {out / 'runs.csv'} (scaleplan fit {out / 'runs.csv'})")
-    print(f"curves: {out / 'curves.csv'}; study: {study_path}")
+    print(f"curves: {out / 'curves.csv'}; study: {out / 'ladder-study.yaml'}")
     if spec.lrs:
         print(
             f"tuned optima per budget: {out / 'hparams.csv'} (scaleplan fit "
             f"{out / 'hparams.csv'} --approach hparams; the batch was not tuned)"
         )
     return 0
-
-
-def _run_check(
-    plan: Any, rows: list[dict[str, Any]], base: Path, out: Path, args: argparse.Namespace
-) -> dict[str, Any]:
-    """The extrapolation check (studies.ladder.plan_check): its own one-run study in `out`,
-    resumable like the ladder's. A law with no finite optimum is reported, not trained."""
-    from planner.errors import InputError
-    from studies.commands.sweep import run_study_reports
-    from studies.ladder import (
-        best_of_lrs,
-        check_plan,
-        check_result,
-        plan_check,
-        runs_table,
-        study_file,
-    )
-    from studies.sweep import prepare_study
-    from studies.transfer import write_study_file
-
-    try:
-        check = plan_check(plan, rows)
-    except InputError as error:
-        return {"skipped": str(error)}
-    checked = check_plan(plan, check)
-    raw = study_file(checked, base, out)
-    path = write_study_file(raw, out / "check-study.yaml", by=f"scaleplan ladder {args.ladder}")
-    study = prepare_study(path, tracking_uri=args.tracking_uri)
-    _, reports = run_study_reports(study, runs_dir=out, study_file=path, quiet=args.json)
-    trained, _ = runs_table(checked, reports)
-    best = best_of_lrs(trained, [])[0] if trained else []
-    return check_result(check, best[0] if best else None)
 
 
 def _print_check(check: dict[str, Any] | None) -> None:
@@ -167,19 +104,11 @@ def _print_check(check: dict[str, Any] | None) -> None:
             error,
             covered,
         ]],
-        caption="; ".join(check["warnings"]),
+        caption="; ".join(
+            ([f"the law's shape is a ladder size: its run {check['trained_by']} is the check"]
+             if check.get("trained_by") else []) + check["warnings"]
+        ),  # fmt: skip
     )  # fmt: skip
-
-
-def _csv(rows: list[dict[str, Any]]) -> str:
-    import csv
-    import io
-
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=list(rows[0]))
-    writer.writeheader()
-    writer.writerows(rows)
-    return buffer.getvalue()
 
 
 def _print_plan(plan: Any, summary: dict[str, Any], *, as_json: bool) -> None:

@@ -200,7 +200,8 @@ def _frontier(laws: list[Any], args: argparse.Namespace) -> int:
 def _caption(law: Any, level: float, measured: Any = None, hparams: Any = None) -> str:
     from planner.hparams import DEEPSEEK2024
 
-    lines = [law.citation, f"N counts {law.n_counts} parameters."]
+    counts = {"flops": "FLOPs per token / 6 (a ladder's count)"}.get(law.n_counts)
+    lines = [law.citation, f"N counts {counts or law.n_counts + ' parameters'}."]
     if law.form != "allocation":
         lines[-1] += f" Loss in {law.loss_units}."
     if law.bootstrap:
@@ -371,14 +372,14 @@ def _recipe(laws: list[Any], args: argparse.Namespace) -> int:
     rows = [
         ["compute", f"{output.sci(compute)} FLOPs"],
         ["params N (law)", output.with_band(recipe, "n_params", output.count)],
-        ["tokens D", output.with_band(recipe, "n_tokens", output.count)],
+        ["tokens D (law)", output.with_band(recipe, "n_tokens", output.count)],
         ["predicted loss", output.with_band(recipe, "loss", output.fixed)],
         [
             "shape",
             f"{shape['n_layer']} layers x {shape['d_model']} wide, {shape['n_head']} heads, "
             f"sequence {shape['seq_len']} ({output.count(recipe['shape_params_non_embedding'])} "
             f"non-embedding, {output.count(recipe['shape_params'])} with vocabulary "
-            f"{shape['vocab_size']})",
+            f"{shape['vocab_size']}, {output.count(recipe['shape_flop_params'])} FLOPs/token/6)",
         ],
         ["peak LR", f"{recipe['learning_rate']:.3g} (AdamW)"],
         [
@@ -388,7 +389,8 @@ def _recipe(laws: list[Any], args: argparse.Namespace) -> int:
         ],
         [
             "schedule",
-            f"{recipe['steps']} steps: warm-up {recipe['warmup_steps']}, cosine to "
+            f"{recipe['steps']} steps ({output.count(recipe['steps'] * recipe['tokens_per_step'])}"
+            f" tokens: C at the shape's N): warm-up {recipe['warmup_steps']}, cosine to "
             f"{recipe['min_lr_ratio']:.0%}",
         ],
         ["GPU-hours", f"{output.count(recipe['gpu_hours'])} {args.gpu} at MFU {args.mfu:.0%}"],

@@ -108,8 +108,8 @@ def test_a_ladder_trains_into_a_runs_table_that_fit_reads(
         ({"sizes": [10, 1e4]}, "sizes[0]: params: 10 non-embedding parameters is below"),
         ({"check": True}, "check: 3 isoflop runs below the largest budget 3e+09 FLOPs"),
         (
-            {"check": True, "designs": ["isoflop"], "check_design": "wsd"},
-            "check_design: 'wsd' is not one of the ladder's designs ['isoflop']",
+            {"check": True, "designs": ["isoflop"], "fit_design": "wsd"},
+            "fit_design: 'wsd' is not one of the ladder's designs ['isoflop']",
         ),
     ],
 )
@@ -133,12 +133,12 @@ def test_the_check_fits_below_the_largest_budget_and_trains_the_law_s_optimum(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # A ladder this small has no optimum inside its sizes (the smallest wins everywhere), so
-    # the fit sees the ladder's own (N, D) points with losses from a known Chinchilla surface
-    # whose optimum at 2e9 FLOPs is about 7k parameters; the check run still trains for real.
+    # the fit sees the ladder's own (N, D) points with losses from a known Chinchilla surface;
+    # the check's run is still trained (or found among the ladder's runs) for real.
     import planner.fit
 
-    surface = {"E": 1.5, "A": 207.0, "B": 400.0, "alpha": 0.35, "beta": 0.35}
     real_fit = planner.fit.fit_law
+    surface: dict[str, float] = {}
 
     def fit_the_surface(n: Any, d: Any, loss: Any, **options: Any) -> Any:
         n, d = np.asarray(n, dtype=float), np.asarray(d, dtype=float)
@@ -147,15 +147,28 @@ def test_the_check_fits_below_the_largest_budget_and_trains_the_law_s_optimum(
     monkeypatch.setattr(planner.fit, "fit_law", fit_the_surface)
     changes = {"designs": ["isoflop"], "budgets": [5e8, 1e9, 2e9], "check": True}
     path, out = write(tmp_path, **changes), tmp_path / "out"
-    assert main(["ladder", str(path), "--out", str(out), "--tracking-uri", "none", "--json"]) == 0
-    check = json.loads(capsys.readouterr().out)["check"]
+    command = ["ladder", str(path), "--out", str(out), "--tracking-uri", "none", "--json"]
+
+    # N_opt 14k at 2e9 FLOPs: the ladder's 1 x 32, whose run there is the check
+    surface.update(E=1.5, A=400.0, B=400.0, alpha=0.35, beta=0.35)
+    assert main(command) == 0
+    shown = json.loads(capsys.readouterr().out)
+    check = shown["check"]
     assert check["fitted_runs"] == 6 and check["budget"] == 2e9  # the 5e8 and 1e9 runs
     assert check["law"]["alpha"] == pytest.approx(0.35, rel=1e-3)
     n_opt = float(FORMS["chinchilla"].optimal_n(surface, 2e9))
     assert check["n_opt"] == pytest.approx(n_opt, rel=1e-2)
-    # the run trained is that optimum: the shape nearest N_opt, D = C / (6 N) in whole steps
-    assert 0.5 < check["params"] / n_opt < 2.0  # widths step by 16 here: 4.1k, 14.4k
-    assert check["tokens"] == check["steps"] * 128
+    twin = next(row for row in shown["rows"] if row["run"] == check["trained_by"])
+    assert (twin["d_model"], twin["budget"]) == (32, 2e9)
+    assert check["measured"] == twin["loss"] and not (out / "check-study.yaml").exists()
+
+    # N_opt 60k: no ladder size; the nearest shape of the family trains at 2e9 FLOPs
+    surface.update(A=920.0)
+    assert main(command) == 0
+    check = json.loads(capsys.readouterr().out)["check"]
+    n_opt = float(FORMS["chinchilla"].optimal_n(surface, 2e9))
+    assert "trained_by" not in check and 0.7 < check["params"] / n_opt < 1.4
+    assert check["tokens"] == check["steps"] * 128  # D = C / (6 N) in whole steps
     assert abs(6 * check["params"] * check["tokens"] / 2e9 - 1) < 0.05
     expected = float(FORMS["chinchilla"].loss(surface, check["params"], check["tokens"]))
     assert check["predicted"] == pytest.approx(expected, rel=1e-4)
@@ -194,7 +207,7 @@ def test_with_lrs_every_point_trains_at_each_lr_and_cool_downs_branch_off_their_
         stage = stages[run.stage]
         assert stage["overrides"]["optimizer.lr"] == run.lr
         if run.role == "cooldown":  # from the stable run of the same size and LR
-            j = [3e-3, 1e-2].index(run.lr)
+            j = [3e-3, 1e-2].index(run.lr or 0.0)
             assert f"wsd-n{run.size}-lr{j}-0" in stage["start_from"]
 
 
@@ -225,3 +238,15 @@ def test_a_tuned_ladder_keeps_each_point_s_best_lr(
         at = [row for row in kept if float(row["budget"]) == float(optimum["flops"])]
         assert float(optimum["loss"]) == min(float(row["loss"]) for row in at)
         assert float(optimum["lr"]) in lrs and float(optimum["batch_tokens"]) == 128
+
+
+def test_run_ladder_from_python(tmp_path: Path) -> None:
+    from studies.ladder import load_ladder, run_ladder
+    from trainer.config import read_yaml_mapping
+
+    spec, base = load_ladder(write(tmp_path), ["designs=[isoflop]"])
+    plan = plan_ladder(spec, read_yaml_mapping(base, "base"))
+    result = run_ladder(plan, base, tmp_path / "out", tracking_uri="none")
+    assert result["finished"] == 6 == len(result["rows"])
+    assert (tmp_path / "out" / "runs.csv").is_file() and result["check"] is None
+    assert [row["approach"][0] for row in result["approaches"]] == ["1", "2", "3"]
