@@ -344,10 +344,11 @@ def _check_inputs(plan: Plan) -> None:
     the largest budget for the law's five coefficients."""
     spec = plan.spec
     design = fitted_design(spec)
-    below = [r for r in plan.runs if r.design == design and r.budget < len(spec.budgets) - 1]
+    below = {(r.size, r.budget) for r in plan.runs if r.design == design}  # points, not LRs
+    below = {(size, budget) for size, budget in below if budget < len(spec.budgets) - 1}
     if len(below) < CHECK_MIN_RUNS:
         raise StudyError(
-            f"check: {len(below)} {design} runs below the largest budget "
+            f"check: {len(below)} {design} points below the largest budget "
             f"{spec.budgets[-1]:.3g} FLOPs; the parametric fit needs at least {CHECK_MIN_RUNS} "
             "(add sizes or budgets, or check: false)"
         )

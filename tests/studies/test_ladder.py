@@ -106,7 +106,9 @@ def test_a_ladder_trains_into_a_runs_table_that_fit_reads(
         ({"sizes": [4e3, 4.1e3, 1e4]}, "give the same GPT shape twice"),
         ({"base": "missing.yaml"}, "base: 'missing.yaml' is not a file"),
         ({"sizes": [10, 1e4]}, "sizes[0]: params: 10 non-embedding parameters is below"),
-        ({"check": True}, "check: 3 isoflop runs below the largest budget 3e+09 FLOPs"),
+        ({"check": True}, "check: 3 isoflop points below the largest budget 3e+09 FLOPs"),
+        # three LRs are one point each: still 3
+        ({"check": True, "lrs": [1e-3, 3e-3, 1e-2]}, "check: 3 isoflop points below"),
         (
             {"check": True, "designs": ["isoflop"], "fit_design": "wsd"},
             "fit_design: 'wsd' is not one of the ladder's designs ['isoflop']",
