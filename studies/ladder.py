@@ -340,12 +340,11 @@ def fitted_design(spec: LadderSpec) -> Design:
 
 
 def _check_inputs(plan: Plan) -> None:
-    """Before anything trains: the check's design is in the ladder and has enough runs below
-    the largest budget for the law's five coefficients."""
+    """Before anything trains: the check's design has enough points (a point's LRs count
+    once) below the largest budget for the law's five coefficients."""
     spec = plan.spec
     design = fitted_design(spec)
-    below = {(r.size, r.budget) for r in plan.runs if r.design == design}  # points, not LRs
-    below = {(size, budget) for size, budget in below if budget < len(spec.budgets) - 1}
+    below = {point for point in plan.points(design) if point[1] < len(spec.budgets) - 1}
     if len(below) < CHECK_MIN_RUNS:
         raise StudyError(
             f"check: {len(below)} {design} points below the largest budget "
